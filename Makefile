@@ -1,0 +1,35 @@
+# `make study` and `make test` are the whole quick start: each creates .venv when missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+EXP ?=
+
+.PHONY: install study smoke test report bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+study: $(STAMP)
+	$(PY) -m study.run experiments/ablation.yaml
+
+smoke: $(STAMP)
+	$(PY) -m study.run experiments/smoke.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+report: $(STAMP)
+	@test -n "$(EXP)" || { echo "usage: make report EXP=<experiment name>"; exit 2; }
+	$(PY) -m reports.build --experiment $(EXP)
+
+bench: $(STAMP)
+	$(PY) bench/speed.py
+
+clean:
+	rm -rf $(VENV) reports/out .pytest_cache

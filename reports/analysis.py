@@ -1,0 +1,310 @@
+"""The numbers of a study report: a study's MLflow runs in, pandas tables out.
+
+The report notebooks only call these functions and draw what they return, so the tests can check
+the very numbers a reader sees. Accuracy means final val_acc (the last epoch's); test_acc is shown
+beside it but never used to rank or select anything.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import optuna
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from scipy import stats
+
+METRIC = "val_acc"
+CONFIDENCE = 0.95
+REQUIRED_TAGS = ("status", "budget", "max_epochs")
+STATUSES = ("completed", "early-stopped", "errored", "running")
+NUMERIC_TAGS = ("budget", "max_epochs", "seed")
+MIN_IMPORTANCE_TRIALS = 8  # below this a random forest over the configs fits noise
+MAX_LEVELS = 6  # a numeric factor with more distinct values is binned into quartiles
+BASELINE = "baseline"
+CHECKPOINT = "checkpoint/model.pt"  # where the study runner logs a trial's checkpoint
+
+# the in-memory optuna studies below are scaffolding for the importance evaluator; their
+# creation logs would only clutter the report
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+class ReportError(Exception):
+    """A study that cannot be reported on; the message names what is missing."""
+
+
+def check_experiment(tracking_uri: str, experiment: str) -> None:
+    """Fail fast, before a notebook kernel starts, on a study the report cannot read."""
+    _search_runs(tracking_uri, experiment)
+
+
+def load_runs(tracking_uri: str, experiment: str) -> pd.DataFrame:
+    """One row per trial: tags, params (dotted keys, numbers where they look like numbers),
+    latest metric values, and the per-epoch cost summed (compute_seconds) or typical
+    (images_per_sec) over the whole metric history."""
+    runs = _search_runs(tracking_uri, experiment)
+    df = pd.DataFrame([_row(run) for run in runs])
+    param_keys = sorted({key for run in runs for key in run.data.params})
+    for col in [*param_keys, *NUMERIC_TAGS]:
+        if col in df:
+            df[col] = _numeric_if_possible(df[col])
+    seconds = load_history(tracking_uri, df.run_id, "epoch_seconds").groupby("run_id")["value"]
+    speed = load_history(tracking_uri, df.run_id, "images_per_sec").groupby("run_id")["value"]
+    df["compute_seconds"] = df.run_id.map(seconds.sum()).fillna(0.0)
+    # the median, not the last epoch: the first epoch pays for warm-up and compilation
+    df["images_per_sec"] = df.run_id.map(speed.median())
+    return df.sort_values(["trial", "run_id"], ignore_index=True)
+
+
+def load_history(tracking_uri: str, run_ids, metric: str = METRIC) -> pd.DataFrame:
+    """Long table (run_id, epoch, value) of one metric's per-epoch history."""
+    client = MlflowClient(tracking_uri)
+    rows = [(run_id, m.step, m.timestamp, m.value)
+            for run_id in run_ids for m in client.get_metric_history(run_id, metric)]
+    history = pd.DataFrame(rows, columns=["run_id", "epoch", "timestamp", "value"])
+    # a resumed trial may log an epoch twice: the later value is the one training went on from
+    history = history.sort_values(["run_id", "epoch", "timestamp"]).drop_duplicates(
+        ["run_id", "epoch"], keep="last")
+    return history.drop(columns="timestamp").reset_index(drop=True)
+
+
+def download_checkpoint(tracking_uri: str, run_id: str) -> Path | None:
+    """The run's checkpoint as a local file, or None if the run logged none."""
+    logged = [a.path for a in MlflowClient(tracking_uri).list_artifacts(run_id, "checkpoint")]
+    if CHECKPOINT not in logged:
+        return None
+    return Path(mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path=CHECKPOINT, tracking_uri=tracking_uri))
+
+
+def _search_runs(tracking_uri: str, experiment: str) -> list:
+    if tracking_uri.startswith("sqlite:///"):
+        # MLflow would silently create an empty database at a mistyped path
+        path = Path(tracking_uri.removeprefix("sqlite:///"))
+        if not path.is_file():
+            raise ReportError(f"no MLflow database at {path}")
+    client = MlflowClient(tracking_uri)
+    try:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise ReportError(f"no experiment named {experiment!r} at {tracking_uri}")
+        runs, token = [], None
+        while True:
+            page = client.search_runs([found.experiment_id], max_results=1000, page_token=token)
+            runs += page
+            token = page.token
+            if not token:
+                break
+    except MlflowException as e:
+        raise ReportError(f"cannot read {tracking_uri}: {str(e).splitlines()[0]}") from None
+    if not runs:
+        raise ReportError(f"experiment {experiment!r} has no runs")
+    missing = [f"metric {METRIC!r}"] if not any(METRIC in r.data.metrics for r in runs) else []
+    missing += [f"tag {t!r}" for t in REQUIRED_TAGS if not any(t in r.data.tags for r in runs)]
+    if missing:
+        raise ReportError(f"no run of experiment {experiment!r} has {' or '.join(missing)}")
+    return runs
+
+
+def _row(run) -> dict:
+    tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}
+    # the metric `params` is the parameter count: renamed so it cannot be read as a config
+    metrics = {("n_params" if k == "params" else k): v for k, v in run.data.metrics.items()}
+    return {"run_id": run.info.run_id, "trial": run.info.run_name,
+            **tags, **run.data.params, **metrics}
+
+
+def _numeric_if_possible(col: pd.Series) -> pd.Series:
+    """MLflow keeps params as strings; a column becomes numeric only if every value parses."""
+    converted = pd.to_numeric(col, errors="coerce")
+    return converted if converted.notna().sum() == col.notna().sum() else col
+
+
+def full_budget(runs: pd.DataFrame) -> pd.DataFrame:
+    """Trials that completed every epoch: the only ones whose accuracy is a final accuracy."""
+    return runs[(runs.status == "completed") & (runs.budget == runs.max_epochs)]
+
+
+def early_stopped(runs: pd.DataFrame) -> pd.DataFrame:
+    return runs[runs.status == "early-stopped"]
+
+
+def searched_factors(runs: pd.DataFrame) -> list[str]:
+    """The config keys the study searched or ablated, in the runner's order. The seed is a
+    replicate, not a factor, so it is left out even if a study listed it."""
+    keys = runs.get("searched", pd.Series(dtype=str)).dropna().str.split(",").explode().str.strip()
+    return [k for k in dict.fromkeys(keys) if k in runs and k != "train.seed"]
+
+
+def study_summary(runs: pd.DataFrame) -> pd.Series:
+    """The study at a glance, as one column (so several studies sit side by side)."""
+    full = full_budget(runs)
+    best = best_trials(runs, k=1)
+    return pd.Series({
+        "mode": ", ".join(sorted(runs["mode"].dropna().unique())) if "mode" in runs else "",
+        "trials": len(runs),
+        **{f"status: {s}": n for s, n in _status_counts(runs.status).items()},
+        "full-budget trials": len(full),
+        "max epochs": ", ".join(str(int(e)) for e in sorted(runs.max_epochs.dropna().unique())),
+        "compute hours (sum of epoch_seconds)": runs.compute_seconds.sum() / 3600,
+        "best trial (by val_acc)": best.trial.iloc[0] if len(best) else "",
+        "best val_acc": best[METRIC].iloc[0] if len(best) else np.nan,
+        "its test_acc": best["test_acc"].iloc[0] if len(best) and "test_acc" in best else np.nan,
+    }, dtype=object)
+
+
+def _status_counts(status: pd.Series) -> pd.Series:
+    """Every known status, even at zero, so that studies line up row for row."""
+    counts = status.value_counts()
+    return counts.reindex([*STATUSES, *sorted(set(counts.index) - set(STATUSES))], fill_value=0)
+
+
+def budgets(runs: pd.DataFrame) -> pd.DataFrame:
+    """How many trials stopped at each budget (epochs completed), per status."""
+    return pd.crosstab(runs.budget, runs.status, margins=True, margins_name="all")
+
+
+def best_trials(runs: pd.DataFrame, factors: list[str] = (), k: int = 5) -> pd.DataFrame:
+    """The k best full-budget trials by val_acc; ties go to the trial name so reruns agree."""
+    full = full_budget(runs).sort_values([METRIC, "trial"], ascending=[False, True])
+    cols = ["trial", *factors, METRIC, "test_acc", "n_params", "run_id"]
+    return full[[c for c in cols if c in full]].head(k).reset_index(drop=True)
+
+
+def summarize(values) -> pd.DataFrame:
+    """n, mean and 95% t-interval per group of a grouped Series: with a handful of seeds
+    the normal interval would be too narrow."""
+    table = values.agg(["count", "mean", "sem"]).rename(columns={"count": "n"})
+    half = stats.t.ppf((1 + CONFIDENCE) / 2, table.n - 1) * table["sem"]
+    return table.assign(ci_low=table["mean"] - half, ci_high=table["mean"] + half).drop(
+        columns="sem")
+
+
+def factor_levels(values: pd.Series) -> pd.Series:
+    """The value itself, or its quartile bin for a finely searched number (like train.lr),
+    so that every level holds several trials."""
+    if pd.api.types.is_numeric_dtype(values) and values.nunique() > MAX_LEVELS:
+        return pd.qcut(values, 4, duplicates="drop")
+    return values
+
+
+def factor_table(runs: pd.DataFrame, factor: str) -> pd.DataFrame:
+    """Final val_acc per level of one factor over full-budget trials. Early-stopped trials are
+    only counted: their truncated accuracies must never mix with final ones."""
+    levels = factor_levels(runs[factor]).rename("value")
+    full, stopped = full_budget(runs), early_stopped(runs)
+    table = summarize(full[METRIC].groupby(levels[full.index], observed=True))
+    table["best"] = full[METRIC].groupby(levels[full.index], observed=True).max()
+    if "test_acc" in full:
+        table["test_acc_mean"] = full["test_acc"].groupby(levels[full.index], observed=True).mean()
+    stopped_n = stopped[METRIC].groupby(levels[stopped.index], observed=True).size()
+    table = table.join(stopped_n.rename("n_early_stopped"), how="outer")
+    table[["n", "n_early_stopped"]] = table[["n", "n_early_stopped"]].fillna(0).astype(int)
+    return table.reset_index().assign(factor=factor).set_index(["factor", "value"])
+
+
+def factor_tables(runs: pd.DataFrame, factors: list[str]) -> pd.DataFrame:
+    return pd.concat([factor_table(runs, f) for f in factors]) if factors else pd.DataFrame()
+
+
+def ablation_effects(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per ablation cell: val_acc over seeds (mean, t-interval), its difference to the baseline
+    cell with interval and p-value, and a plain verdict."""
+    full = full_budget(runs).dropna(subset=["cell", METRIC])
+    cells = summarize(full.groupby("cell")[METRIC])
+    if "test_acc" in full:
+        cells["test_acc_mean"] = full.groupby("cell")["test_acc"].mean()
+    base = full[full.cell == BASELINE]
+    versus = pd.DataFrame([_versus_baseline(full[full.cell == c], base) for c in cells.index],
+                          index=cells.index)
+    table = cells.join(versus)
+    table["verdict"] = [_verdict(cell, row) for cell, row in table.iterrows()]
+    order = sorted(table.index, key=lambda c: (c != BASELINE, c))
+    return table.loc[order]
+
+
+def _versus_baseline(cell: pd.DataFrame, base: pd.DataFrame) -> dict:
+    """Paired t-test over the seeds both cells ran (the same seed shares data order and init,
+    so pairing removes that noise); Welch's t-test when seeds do not pair up."""
+    if len(base) == 0 or cell.cell.iloc[0] == BASELINE:
+        return {}
+    pairs = cell.dropna(subset=["train.seed"]).merge(
+        base.dropna(subset=["train.seed"]), on="train.seed", suffixes=("", "_base"))
+    if len(pairs) >= 2:
+        a, b = pairs[METRIC], pairs[f"{METRIC}_base"]
+        result, n, test = stats.ttest_rel(a, b), len(pairs), "paired t"
+    elif len(cell) >= 2 and len(base) >= 2:
+        a, b = cell[METRIC], base[METRIC]
+        result, n, test = stats.ttest_ind(a, b, equal_var=False), min(len(a), len(b)), "Welch t"
+    else:
+        return {"test": "none", "n_compared": min(len(cell), len(base)),
+                "diff": cell[METRIC].mean() - base[METRIC].mean()}
+    ci = result.confidence_interval(CONFIDENCE)
+    return {"test": test, "n_compared": n, "diff": a.mean() - b.mean(),
+            "diff_low": ci.low, "diff_high": ci.high, "p_value": result.pvalue}
+
+
+def _verdict(cell: str, row: pd.Series) -> str:
+    if cell == BASELINE:
+        return "baseline"
+    if pd.isna(row.get("n_compared")):
+        return "no baseline cell to compare with"
+    if row.n_compared < 3:
+        return f"too few seeds to tell (n={int(row.n_compared)} < 3)"
+    if not row.diff_low > 0 and not row.diff_high < 0:
+        return "too few seeds to tell: the interval spans zero"
+    return "raises val_acc" if row["diff"] > 0 else "lowers val_acc"
+
+
+def learning_curves(history: pd.DataFrame, group_of: pd.Series) -> pd.DataFrame:
+    """Mean val_acc per epoch and group (one trial, or the seeds of one cell), with t-interval.
+    group_of maps run_id to its group; runs it does not name are left out."""
+    grouped = history.assign(group=history.run_id.map(group_of)).dropna(subset=["group"])
+    return summarize(grouped.groupby(["group", "epoch"])["value"]).reset_index()
+
+
+def pareto_front(runs: pd.DataFrame, cost: str = "n_params") -> pd.DataFrame:
+    """Full-budget trials that no other trial beats on both val_acc and cost: walking up the
+    cost, a trial is on the front if it is more accurate than every cheaper one."""
+    full = full_budget(runs).dropna(subset=[cost, METRIC]).sort_values(
+        [cost, METRIC, "trial"], ascending=[True, False, True])
+    better = full[METRIC] > full[METRIC].cummax().shift(fill_value=-np.inf)
+    return full.loc[better, ["trial", cost, METRIC, "test_acc", "run_id"]].reset_index(drop=True)
+
+
+def importances(runs: pd.DataFrame, factors: list[str]) -> pd.DataFrame:
+    """fANOVA importance of each factor for val_acc over the full-budget trials: the share of
+    val_acc's variance a random forest attributes to it. Empty when there are fewer than
+    MIN_IMPORTANCE_TRIALS trials: the notebook says so instead."""
+    full = full_budget(runs).dropna(subset=[METRIC])
+    factors = [f for f in factors if full[f].notna().all()]  # fANOVA needs every key set
+    if len(full) < MIN_IMPORTANCE_TRIALS or not factors:
+        return pd.DataFrame(columns=["factor", "importance"])
+    distributions = {f: _distribution(full[f]) for f in factors}
+    study = optuna.create_study(direction="maximize")
+    study.add_trials([optuna.trial.create_trial(
+        params={f: _plain(row[f], distributions[f]) for f in factors},
+        distributions=distributions, value=row[METRIC]) for _, row in full.iterrows()])
+    found = optuna.importance.get_param_importances(
+        study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+    table = pd.DataFrame(list(found.items()), columns=["factor", "importance"])
+    return table.sort_values(["importance", "factor"], ascending=[False, True], ignore_index=True)
+
+
+def _distribution(values: pd.Series):
+    if not pd.api.types.is_numeric_dtype(values):
+        return optuna.distributions.CategoricalDistribution(sorted(values.astype(str).unique()))
+    if (values == values.round()).all():
+        return optuna.distributions.IntDistribution(int(values.min()), int(values.max()))
+    return optuna.distributions.FloatDistribution(float(values.min()), float(values.max()))
+
+
+def _plain(value, distribution):
+    """Optuna checks values against their distribution with plain Python types."""
+    if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+        return str(value)
+    if isinstance(distribution, optuna.distributions.IntDistribution):
+        return int(value)
+    return float(value)

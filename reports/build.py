@@ -1,0 +1,100 @@
+"""Rebuild a study's report from its MLflow runs, headless.
+
+    python -m reports.build --experiment NAME [--experiment NAME2 ...] [--tracking-uri URI]
+                            [--out DIR]
+
+One experiment gives a study report (study_report.py), several a side-by-side comparison
+(comparison_report.py). The jupytext source is converted, given its parameters in a cell
+injected after the one tagged `parameters`, executed with nbclient, and written to OUT as
+report.ipynb and report.html beside the figures/*.png and tables/*.csv the notebook saves.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import jupytext
+import nbformat
+from nbclient import NotebookClient
+from nbconvert import HTMLExporter
+
+from reports.analysis import ReportError, check_experiment
+
+HERE = Path(__file__).resolve().parent
+CELL_TIMEOUT = 600  # seconds; the slowest cell loads a checkpoint and the test images
+
+
+def build(experiments: list[str], tracking_uri: str, out: str | Path | None = None) -> Path:
+    """Regenerate the report of one study (or the comparison of several) into `out`
+    (default reports/out/<experiment>, or <A>_vs_<B>); returns `out`."""
+    experiments = list(dict.fromkeys(experiments))  # a study named twice is one study
+    if not experiments:
+        raise ReportError("no experiment given")
+    for experiment in experiments:
+        check_experiment(tracking_uri, experiment)  # one-line error, before a kernel starts
+    out = Path(out or HERE / "out" / "_vs_".join(map(_safe_name, experiments))).resolve()
+    for stale in ("figures", "tables"):  # a section skipped this time must not leave old files
+        shutil.rmtree(out / stale, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+    single = len(experiments) == 1
+    notebook = jupytext.read(HERE / ("study_report.py" if single else "comparison_report.py"))
+    inject_parameters(notebook, TRACKING_URI=tracking_uri, OUT=str(out),
+                      **({"EXPERIMENT": experiments[0]} if single else
+                         {"EXPERIMENTS": list(experiments)}))
+    # the kernel runs from the repository root so that `import reports` finds this package;
+    # its log stays quiet about the loopback connection to this process (not encrypted)
+    client = NotebookClient(notebook, kernel_name="python3", timeout=CELL_TIMEOUT,
+                            resources={"metadata": {"path": str(HERE.parent)}},
+                            extra_arguments=["--IPKernelApp.log_level=ERROR"])
+    try:
+        client.execute()
+    finally:  # a notebook that failed half-way is the best account of why
+        nbformat.write(notebook, out / "report.ipynb")
+    html, _ = HTMLExporter().from_notebook_node(notebook)
+    (out / "report.html").write_text(html, encoding="utf-8")
+    return out
+
+
+def inject_parameters(notebook: nbformat.NotebookNode, **params) -> None:
+    """Insert a cell setting `params` right after the cell tagged `parameters`, so the
+    notebook's defaults stay readable in its source and the build's values win."""
+    tagged = [i for i, cell in enumerate(notebook.cells)
+              if "parameters" in cell.get("metadata", {}).get("tags", [])]
+    if not tagged:
+        raise ValueError("the report notebook has no cell tagged 'parameters'")
+    source = "\n".join(f"{name} = {value!r}" for name, value in params.items())
+    cell = nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
+    notebook.cells.insert(tagged[0] + 1, cell)
+
+
+def _safe_name(experiment: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", experiment)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m reports.build", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiment", action="append", required=True,
+                        help="MLflow experiment (study) name; repeat to compare studies")
+    parser.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI")
+    parser.add_argument("--out", help="output folder (default: reports/out/<experiment>)")
+    args = parser.parse_args(argv)
+    tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        if not tracking_uri:
+            raise ReportError("no tracking URI: pass --tracking-uri or set MLFLOW_TRACKING_URI")
+        out = build(args.experiment, tracking_uri, args.out)
+    except ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"report: {out / 'report.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

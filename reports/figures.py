@@ -1,0 +1,151 @@
+"""The figures of a study report. Means and intervals are drawn from the analysis tables, never
+recomputed, so a figure always shows the numbers of the table beside it."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from reports.analysis import METRIC, early_stopped, factor_levels, full_budget  # noqa: E402
+
+STOPPED = dict(marker="X", color="0.55")  # early-stopped trials never share a final's look
+
+
+def _intervals(ax, positions, table: pd.DataFrame, low="ci_low", high="ci_high", mean="mean",
+               horizontal=False, **style):
+    """Mean markers with 95% interval bars; a one-trial group gets the marker alone."""
+    err = np.vstack([table[mean] - table[low], table[high] - table[mean]])
+    err = np.nan_to_num(err.astype(float))
+    style = dict(fmt="D", color="black", capsize=4, zorder=3) | style
+    if horizontal:
+        return ax.errorbar(table[mean], positions, xerr=err, **style)
+    return ax.errorbar(positions, table[mean], yerr=err, **style)
+
+
+def factor_panels(runs: pd.DataFrame, factors: list[str], tables: pd.DataFrame) -> plt.Figure:
+    """One row per factor: final val_acc of full-budget trials with the table's mean and interval
+    (left), and apart from them the truncated val_acc of early-stopped trials (right)."""
+    fig, axes = plt.subplots(len(factors), 2, figsize=(11, 3.2 * len(factors)), sharey=True,
+                             squeeze=False)
+    full, stopped = full_budget(runs), early_stopped(runs)
+    for (left, right), factor in zip(axes, factors):
+        levels = factor_levels(runs[factor]).astype(str)
+        table = tables.loc[factor]
+        order = table.index.astype(str).tolist()
+        sns.stripplot(x=levels[full.index], y=full[METRIC], order=order, ax=left, alpha=0.6)
+        _intervals(left, np.arange(len(order)), table, label="mean, 95% CI")
+        left.set(xlabel=factor, ylabel="final val_acc", title="full budget")
+        left.legend(loc="lower right", fontsize=8)
+        if len(stopped):
+            sns.stripplot(x=levels[stopped.index], y=stopped[METRIC], order=order, ax=right,
+                          **STOPPED)
+        else:
+            right.text(0.5, 0.5, "no early-stopped trials", ha="center", transform=right.transAxes)
+        right.set(xlabel=factor, ylabel="val_acc at stop",
+                  title="early-stopped (truncated: not comparable)")
+    fig.tight_layout()
+    return fig
+
+
+def ablation_forest(runs: pd.DataFrame, effects: pd.DataFrame) -> plt.Figure:
+    """Each cell's seeds and mean with interval (left); its difference to the baseline with
+    interval (right), where a bar crossing zero means no clear effect."""
+    cells = effects.index.tolist()
+    y = np.arange(len(cells))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 1.5 + 0.5 * len(cells)), sharey=True)
+    full = full_budget(runs)
+    sns.stripplot(data=full[full.cell.isin(cells)], x=METRIC, y="cell", order=cells, ax=left,
+                  alpha=0.5)
+    _intervals(left, y, effects, horizontal=True)
+    left.set(xlabel="final val_acc: seeds, mean and 95% CI", ylabel="")
+    if "diff" in effects:
+        _intervals(right, y, effects, low="diff_low", high="diff_high", mean="diff",
+                   horizontal=True)
+    right.axvline(0, color="0.4", ls="--")
+    right.set(xlabel="difference to baseline (95% CI)")
+    fig.tight_layout()
+    return fig
+
+
+def curves(table: pd.DataFrame, title: str, order: list[str] | None = None) -> plt.Figure:
+    """val_acc per epoch for each group (legend in `order`), with the interval over its seeds
+    as a band."""
+    groups = order or list(dict.fromkeys(table.group))
+    palette = sns.color_palette(n_colors=len(groups))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    sns.lineplot(data=table, x="epoch", y="mean", hue="group", hue_order=groups,
+                 palette=palette, marker="o", ax=ax)
+    for group, color in zip(groups, palette):
+        g = table[table.group == group]
+        ax.fill_between(g.epoch, g.ci_low, g.ci_high, color=color, alpha=0.2, linewidth=0)
+    ax.set(ylabel="val_acc", title=title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=8)
+    return fig
+
+
+def cost_panels(runs: pd.DataFrame, front: pd.DataFrame, hue: str | None) -> plt.Figure:
+    """Final val_acc against parameter count, with the Pareto front, and against throughput."""
+    full = full_budget(runs)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    sns.scatterplot(data=full, x="n_params", y=METRIC, hue=hue, ax=a)
+    a.plot(front.n_params, front[METRIC], drawstyle="steps-post", color="black", lw=1,
+           label="Pareto front")
+    a.legend(title=hue, fontsize=8)
+    a.set(xlabel="parameters", ylabel="final val_acc")
+    sns.scatterplot(data=full, x="images_per_sec", y=METRIC, hue=hue, ax=b, legend=False)
+    b.set(xlabel="training images/s (median over epochs)")
+    fig.tight_layout()
+    return fig
+
+
+def importance_bars(table: pd.DataFrame) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(7, 0.8 + 0.45 * len(table)))
+    sns.barplot(data=table, x="importance", y="factor", ax=ax, color="C0")
+    ax.set(xlabel="fANOVA importance for val_acc (share of variance)", ylabel="")
+    return fig
+
+
+def attention_grid(images, maps, titles: list[str]) -> plt.Figure:
+    """Rows: test images; columns: the image, then each layer's CLS attention (mean over heads)
+    laid over it. images: uint8 [B, 3, H, W]; maps: [depth, B, heads, grid, grid]."""
+    per_layer = maps.mean(dim=2)
+    depth, n = per_layer.shape[:2]
+    size = images.shape[-1]
+    fig, axes = plt.subplots(n, depth + 1, figsize=(1.8 * (depth + 1), 1.9 * n), squeeze=False)
+    for i, row in enumerate(axes):
+        image = images[i].permute(1, 2, 0).numpy()
+        row[0].imshow(image)
+        row[0].set_title(titles[i], fontsize=8)
+        for layer, ax in enumerate(row[1:]):
+            ax.imshow(image)
+            ax.imshow(per_layer[layer, i].numpy(), cmap="inferno", alpha=0.6,
+                      extent=(-0.5, size - 0.5, size - 0.5, -0.5), interpolation="bilinear")
+            if i == 0:
+                ax.set_title(f"layer {layer + 1}", fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def side_by_side(table: pd.DataFrame, x: str, hue: str, xlabel: str) -> plt.Figure:
+    """Means with intervals for each level of x, one dodged series per hue (study)."""
+    levels = list(dict.fromkeys(table[x].astype(str)))
+    series = list(dict.fromkeys(table[hue]))
+    width = 0.6 / len(series)
+    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(levels)), 4))
+    for i, (name, color) in enumerate(zip(series, sns.color_palette(n_colors=len(series)))):
+        t = table[table[hue] == name]
+        shift = (i - (len(series) - 1) / 2) * width
+        _intervals(ax, [levels.index(v) + shift for v in t[x].astype(str)], t, color=color,
+                   label=name)
+    ax.set_xticks(range(len(levels)), levels, rotation=20 if len(levels) > 4 else 0)
+    ax.set(xlabel=xlabel, ylabel="final val_acc (mean, 95% CI)")
+    ax.legend(fontsize=8)
+    return fig

@@ -1,0 +1,286 @@
+"""Reports built from a real SQLite MLflow store whose numbers the tests plant: the tables must
+give back the planted means, intervals, effects and rankings; the CLI must fail in one line."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from reports import analysis
+from reports.build import build, main
+from tinyvit.config import Config
+from tinyvit.model import TinyViT
+
+ROOT = Path(__file__).resolve().parents[1]
+EPOCHS = 3
+T_975 = {1: 12.706205, 2: 4.302653, 3: 3.182446}  # Student t quantiles, by degrees of freedom
+
+
+def log_trial(client, experiment_id, trial, params, accs, *, status="completed", seed=0,
+              mode="search", searched="model.depth,model.heads,model.pos_embedding", cell=None):
+    """One trial as the study runner logs it: params, per-epoch metrics, and the tags."""
+    tags = {"study": "s", "mode": mode, "trial_id": trial, "seed": str(seed),
+            "budget": str(len(accs)), "max_epochs": str(EPOCHS), "status": status,
+            "searched": searched, **({"cell": cell} if cell else {})}
+    run = client.create_run(experiment_id, run_name=trial, tags=tags)
+    params = {"train.epochs": EPOCHS, "train.seed": seed, "data.source": "synthetic", **params}
+    metrics = [Metric(key, value, 0, epoch) for epoch, acc in enumerate(accs, start=1)
+               for key, value in [("val_acc", acc), ("epoch_seconds", 2.0),
+                                  ("images_per_sec", 900.0 + 100 * epoch)]]
+    if accs:
+        metrics.append(Metric("params", 1000.0 * params.get("model.depth", 1), 0, 1))
+    if status == "completed" and len(accs) == EPOCHS:
+        metrics.append(Metric("test_acc", accs[-1] - 0.01, 0, EPOCHS))
+    client.log_batch(run.info.run_id, metrics=metrics,
+                     params=[Param(k, str(v)) for k, v in params.items()])
+    client.set_terminated(run.info.run_id, "FINISHED" if status != "errored" else "FAILED")
+    return run.info.run_id
+
+
+def curve(final):
+    return [final * 0.6, final * 0.8, final]
+
+
+# depth plants a strong effect, heads and pos_embedding none (a small wobble, not a trend)
+SEARCH = [{"model.depth": d, "model.heads": h, "model.pos_embedding": p,
+           "final": 0.2 + 0.1 * d + 0.001 * i}
+          for i, (d, h, p) in enumerate((d, h, p) for d in (2, 4, 6) for h in (2, 4)
+                                        for p in ("learned", "none"))]
+# seed -> final val_acc of each ablation cell; seeds pair up across cells
+ABLATION = {
+    "baseline": {0: 0.70, 1: 0.72, 2: 0.74},
+    "model.pos_embedding=none": {0: 0.66, 1: 0.67, 2: 0.70},  # lower by 4-5 points every seed
+    "model.pool=mean": {0: 0.71, 1: 0.71, 2: 0.745},  # +1, -1, +0.5: no clear effect
+    "model.pos_embedding=rope2d": {0: 0.73, 1: 0.76},  # two seeds only
+}
+
+
+def cell_params(cell):
+    """The config of an ablation cell: the baseline's, with the cell's key=value pairs."""
+    changed = dict(kv.split("=") for kv in cell.split(",")) if cell != "baseline" else {}
+    return {"model.pos_embedding": "learned", "model.pool": "cls", **changed}
+
+
+def tiny_checkpoint(path: Path, cache_dir: Path) -> Path:
+    """A checkpoint as the trainer writes it, of an untrained model on synthetic data."""
+    cfg = Config.from_dict({
+        "model": {"patch_size": 8, "embed_dim": 16, "depth": 2, "heads": 2},
+        "data": {"source": "synthetic", "synthetic_train": 20, "synthetic_test": 10,
+                 "val_size": 5, "cache_dir": str(cache_dir)}})
+    torch.manual_seed(0)
+    torch.save({"config": cfg.to_dict(), "model": TinyViT(cfg.model).state_dict(),
+                "mean": [0.5] * 3, "std": [0.25] * 3, "epoch": EPOCHS}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A SQLite MLflow store with a search study, an ablation study and two broken ones."""
+    tmp = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    new = lambda name: client.create_experiment(name, (tmp / "artifacts").as_uri())  # noqa: E731
+
+    search = new("search")
+    for i, t in enumerate(SEARCH):
+        params = {k: v for k, v in t.items() if k != "final"}
+        run_id = log_trial(client, search, f"trial_{i:02d}", params, curve(t["final"]))
+        if i == len(SEARCH) - 1:  # the best trial
+            client.log_artifact(run_id, tiny_checkpoint(tmp / "model.pt", tmp / "cache"),
+                                "checkpoint")
+    # early-stopped trials with truncated accuracies far below every final one
+    for i, depth in enumerate((2, 4, 6)):
+        log_trial(client, search, f"trial_es{i}", {"model.depth": depth, "model.heads": 2,
+                  "model.pos_embedding": "learned"}, [0.05], status="early-stopped")
+    log_trial(client, search, "trial_err", {"model.depth": 2, "model.heads": 2,
+              "model.pos_embedding": "none"}, [], status="errored")
+
+    ablation = new("ablation")
+    for cell, seeds in ABLATION.items():
+        for seed, final in seeds.items():
+            log_trial(client, ablation, f"{cell}/seed{seed}", cell_params(cell), curve(final),
+                      seed=seed, mode="ablation", searched="model.pos_embedding,model.pool",
+                      cell=cell)
+
+    new("empty")
+    no_metric = new("no-metric")
+    client.create_run(no_metric, run_name="t0", tags={"status": "completed"})
+    return uri
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "reports.build", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def search_report(store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("search") / "report"
+    done = run_cli("--experiment", "search", "--tracking-uri", store, "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def ablation_report(store, tmp_path_factory):
+    return build(["ablation"], store, tmp_path_factory.mktemp("ablation") / "report")
+
+
+def table(out, name, **kwargs):
+    return pd.read_csv(out / "tables" / f"{name}.csv", **kwargs)
+
+
+def assert_png(path):
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    with Image.open(path) as image:
+        image.verify()
+
+
+def test_load_runs_converts_params_and_sums_compute(store):
+    runs = analysis.load_runs(store, "search")
+    assert len(runs) == len(SEARCH) + 4
+    assert runs["model.depth"].dtype.kind == "i" and runs["budget"].dtype.kind == "i"
+    assert runs["model.pos_embedding"].dtype.kind not in "if"
+    assert runs.compute_seconds.sum() == pytest.approx(2.0 * (EPOCHS * len(SEARCH) + 3))
+    assert runs.set_index("trial").loc["trial_00", "images_per_sec"] == 1100.0
+    assert len(analysis.full_budget(runs)) == len(SEARCH)
+
+
+def test_factor_table_means_and_intervals(search_report):
+    factors = table(search_report, "factors", dtype={"value": str}).set_index(["factor", "value"])
+    depth = factors.loc["model.depth"]
+    for d in (2, 4, 6):
+        planted = np.array([t["final"] for t in SEARCH if t["model.depth"] == d])
+        half = T_975[3] * planted.std(ddof=1) / np.sqrt(4)
+        row = depth.loc[str(d)]
+        assert row.n == 4 and row.n_early_stopped == 1
+        assert row["mean"] == pytest.approx(planted.mean())
+        assert (row.ci_low, row.ci_high) == pytest.approx((planted.mean() - half,
+                                                           planted.mean() + half))
+        assert row.best == pytest.approx(planted.max())
+
+
+def test_early_stopped_trials_never_mix_with_final_accuracies(search_report):
+    factors = table(search_report, "factors")
+    assert factors.n.sum() == 3 * len(SEARCH)  # each full-budget trial once per factor
+    assert factors["mean"].min() > 0.3  # the early-stopped 0.05s would drag a mean down
+    best = table(search_report, "best")
+    assert not best.trial.str.startswith("trial_es").any()
+    assert best.val_acc.is_monotonic_decreasing and best.trial.iloc[0] == "trial_11"
+    # fewest parameters (depth) first, each the most accurate trial of its depth
+    assert table(search_report, "pareto").trial.tolist() == ["trial_03", "trial_07", "trial_11"]
+
+
+def test_importance_ranks_the_planted_factor_first(search_report):
+    importance = table(search_report, "importance")
+    assert importance.factor.iloc[0] == "model.depth"
+    assert importance.importance.iloc[0] > 0.9
+
+
+def test_too_few_trials_gives_no_importance_instead_of_crashing(store):
+    runs = analysis.load_runs(store, "search")
+    few = runs[runs.trial < "trial_07"]  # 7 full-budget trials
+    assert analysis.importances(few, ["model.depth", "model.heads"]).empty
+    assert not analysis.importances(runs, ["model.depth", "model.heads"]).empty
+
+
+def test_ablation_effects_with_paired_intervals(ablation_report):
+    effects = table(ablation_report, "ablation", index_col="cell")
+    assert effects.index[0] == "baseline" and effects.loc["baseline", "verdict"] == "baseline"
+    base = effects.loc["baseline"]
+    assert base["mean"] == pytest.approx(0.72)
+    assert (base.ci_low, base.ci_high) == pytest.approx((0.72 - T_975[2] * 0.02 / np.sqrt(3),
+                                                         0.72 + T_975[2] * 0.02 / np.sqrt(3)))
+
+    lower = effects.loc["model.pos_embedding=none"]
+    diffs = np.array([-0.04, -0.05, -0.04])
+    half = T_975[2] * diffs.std(ddof=1) / np.sqrt(3)
+    assert lower.test == "paired t" and lower.n_compared == 3
+    assert lower["diff"] == pytest.approx(diffs.mean())
+    assert (lower.diff_low, lower.diff_high) == pytest.approx((diffs.mean() - half,
+                                                               diffs.mean() + half))
+    assert lower.verdict == "lowers val_acc"
+    assert "interval spans zero" in effects.loc["model.pool=mean", "verdict"]
+    assert "too few seeds" in effects.loc["model.pool=mean", "verdict"]
+    assert effects.loc["model.pos_embedding=rope2d", "verdict"].startswith("too few seeds")
+
+
+def test_welch_test_when_seeds_do_not_pair(store):
+    runs = analysis.load_runs(store, "ablation")
+    cell = runs.cell == "model.pos_embedding=none"
+    runs.loc[cell, "train.seed"] += 10
+    row = analysis.ablation_effects(runs).loc["model.pos_embedding=none"]
+    assert row.test == "Welch t"
+    assert row["diff"] == pytest.approx(np.mean([0.66, 0.67, 0.70]) - 0.72)
+
+
+def test_every_figure_is_a_png(search_report, ablation_report):
+    for out, names in [(search_report, ["factors", "curves_best", "cost", "importance",
+                                        "attention"]),
+                       (ablation_report, ["factors", "ablation", "curves_best", "curves_cells",
+                                          "cost"])]:
+        for name in names:
+            assert_png(out / "figures" / f"{name}.png")
+        assert (out / "report.ipynb").is_file()
+        assert "<html" in (out / "report.html").read_text()
+
+
+def test_missing_checkpoint_is_said_not_crashed(ablation_report):
+    assert not (ablation_report / "figures" / "attention.png").exists()
+    assert "logged no checkpoint/model.pt" in (ablation_report / "report.html").read_text()
+
+
+def test_learning_curves_average_seeds(ablation_report):
+    curves = table(ablation_report, "curves_cells")
+    last = curves[(curves.group == "baseline") & (curves.epoch == EPOCHS)].iloc[0]
+    assert last.n == 3 and last["mean"] == pytest.approx(0.72)
+    assert curves[curves.group == "baseline"].epoch.tolist() == [1, 2, 3]
+
+
+def test_rebuild_gives_identical_tables(store, ablation_report, tmp_path):
+    again = build(["ablation"], store, tmp_path / "again")
+    names = sorted(p.name for p in (ablation_report / "tables").glob("*.csv"))
+    assert "importance.csv" in names  # the forest is seeded
+    assert names == sorted(p.name for p in (again / "tables").glob("*.csv"))
+    for name in names:
+        assert (again / "tables" / name).read_bytes() == \
+            (ablation_report / "tables" / name).read_bytes(), name
+
+
+def test_comparison_side_by_side(store, tmp_path):
+    out = build(["search", "ablation"], store, tmp_path / "cmp")
+    factors = table(out, "factors")
+    pos = factors[factors.factor == "model.pos_embedding"]
+    assert set(pos.study) == {"search", "ablation"}
+    summary = table(out, "summary", index_col=0)
+    assert list(summary.columns) == ["search", "ablation"]
+    assert_png(out / "figures" / "factor_model.pos_embedding.png")
+    assert_png(out / "figures" / "ablation.png")
+
+
+def test_unknown_experiment_fails_in_one_line(store):
+    done = run_cli("--experiment", "nope", "--tracking-uri", store)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"error: no experiment named 'nope' at {store}"]
+
+
+@pytest.mark.parametrize("experiment, missing", [("empty", "has no runs"),
+                                                 ("no-metric", "metric 'val_acc'")])
+def test_unusable_experiment_exits_2_naming_what_is_missing(store, capsys, experiment, missing):
+    assert main(["--experiment", experiment, "--tracking-uri", store]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and missing in err[0]
+
+
+def test_tracking_uri_is_required(monkeypatch, capsys):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["--experiment", "search"]) == 2
+    assert "MLFLOW_TRACKING_URI" in capsys.readouterr().err
