@@ -1,0 +1,1 @@
+"""Studies of TinyViT: experiment files, Ray Tune + Optuna, every trial in MLflow."""

@@ -1,0 +1,75 @@
+"""Ray Tune wiring: the search algorithm, the scheduler, resources, failures and MLflow."""
+from __future__ import annotations
+
+import os
+import time
+
+import ray
+from ray import tune
+from ray.tune import CheckpointConfig, FailureConfig, RunConfig
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from .spec import Spec
+from .tracking import MlflowTrials, prepare_experiment
+from .trainable import run_trial
+
+
+def run_study(spec: Spec, uri: str, arrays, address: str | None, resume: bool, t0: float):
+    ray.init(address=address, logging_level="WARNING")
+    experiment_id = prepare_experiment(uri, spec)
+    cells = {c.name: c.overrides for c in spec.space} if spec.mode == "ablation" else {}
+    base = {s: dict(v) for s, v in spec.base.items()}
+    # one intra-op thread per CPU the trial holds: more would fight the neighbouring trials
+    base.setdefault("train", {}).setdefault("threads", max(1, int(spec.resources["cpu"])))
+    # the decoded data set travels through Ray's object store: no shared disk is assumed
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=base, cells=cells, arrays=arrays),
+        {"cpu": spec.resources["cpu"], "gpu": spec.resources["gpu"]})
+    if resume:
+        tuner = tune.Tuner.restore(str(spec.path), trainable, resume_unfinished=True)
+    else:
+        tuner = tune.Tuner(trainable, param_space=_param_space(spec),
+                           tune_config=_tune_config(spec),
+                           run_config=_run_config(spec, uri, experiment_id, cells))
+    print(f"ray       up after {time.perf_counter() - t0:.1f}s; "
+          f"{'resuming' if resume else 'starting'} trials", flush=True)
+    tuner.fit()
+    return cells
+
+
+def _param_space(spec: Spec) -> dict:
+    if spec.mode == "search":
+        return {}  # OptunaSearch's define-by-run function samples everything
+    return {"cell": tune.grid_search([c.name for c in spec.space]),
+            "train.seed": tune.grid_search(spec.ablation["seeds"])}
+
+
+def _tune_config(spec: Spec) -> tune.TuneConfig:
+    # metric and mode go to the searcher and the scheduler themselves: Tune's own copy does not
+    # reach a searcher wrapped in its concurrency limiter, and Tune takes only one metric
+    single = len(spec.metrics) == 1
+    objective = ({"metric": spec.metrics[0], "mode": spec.modes[0]} if single
+                 else {"metric": spec.metrics, "mode": spec.modes})
+    search_alg, samples = None, 1
+    if spec.mode == "search":
+        search_alg = OptunaSearch(space=spec.space.suggest, seed=spec.search["seed"], **objective)
+        samples = spec.search["num_samples"]
+    scheduler = None
+    if spec.scheduler["type"] == "asha":  # the spec makes sure the objective is single here
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=spec.base["train"].get("epochs", 10),
+                                  grace_period=spec.scheduler["grace_period"],
+                                  reduction_factor=spec.scheduler["reduction_factor"],
+                                  **objective)
+    return tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=samples,
+                           max_concurrent_trials=spec.resources["max_concurrent"])
+
+
+def _run_config(spec: Spec, uri: str, experiment_id: str, cells: dict) -> RunConfig:
+    # keeping 2 checkpoints per trial forces an experiment snapshot after each one, which is
+    # what lets --resume continue exactly; Ray warns about that cost on every short epoch
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    return RunConfig(name=spec.name, storage_path=str(spec.storage), verbose=1,
+                     callbacks=[MlflowTrials(uri, experiment_id, spec, cells)],
+                     failure_config=FailureConfig(max_failures=spec.max_failures),
+                     checkpoint_config=CheckpointConfig(num_to_keep=2))
