@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+EXPERIMENT ?= experiments/ablation.yaml
 EXP ?=
 
 .PHONY: install study smoke test report bench clean
@@ -16,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 study: $(STAMP)
-	$(PY) -m study.run experiments/ablation.yaml
+	$(PY) -m study.run $(EXPERIMENT)
 
 smoke: $(STAMP)
 	$(PY) -m study.run experiments/smoke.yaml
@@ -26,7 +27,8 @@ test: $(STAMP)
 
 report: $(STAMP)
 	@test -n "$(EXP)" || { echo "usage: make report EXP=<experiment name>"; exit 2; }
-	$(PY) -m reports.build --experiment $(EXP)
+	$(PY) -m reports.build --experiment $(EXP) \
+		--tracking-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/runs/$(EXP)/mlflow.db}
 
 bench: $(STAMP)
 	$(PY) bench/speed.py
