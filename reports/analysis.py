@@ -104,7 +104,7 @@ def _search_runs(tracking_uri: str, experiment: str) -> list:
     missing = [f"metric {METRIC!r}"] if not any(METRIC in r.data.metrics for r in runs) else []
     missing += [f"tag {t!r}" for t in REQUIRED_TAGS if not any(t in r.data.tags for r in runs)]
     if missing:
-        raise ReportError(f"no run of experiment {experiment!r} has {' or '.join(missing)}")
+        raise ReportError(f"the runs of experiment {experiment!r} lack {', '.join(missing)}")
     return runs
 
 
@@ -129,6 +129,10 @@ def full_budget(runs: pd.DataFrame) -> pd.DataFrame:
 
 def early_stopped(runs: pd.DataFrame) -> pd.DataFrame:
     return runs[runs.status == "early-stopped"]
+
+
+def is_ablation(runs: pd.DataFrame) -> bool:
+    return "cell" in runs and (runs.get("mode") == "ablation").any()
 
 
 def searched_factors(runs: pd.DataFrame) -> list[str]:
@@ -185,9 +189,11 @@ def summarize(values) -> pd.DataFrame:
 def factor_levels(values: pd.Series) -> pd.Series:
     """The value itself, or its quartile bin for a finely searched number (like train.lr),
     so that every level holds several trials."""
-    if pd.api.types.is_numeric_dtype(values) and values.nunique() > MAX_LEVELS:
-        return pd.qcut(values, 4, duplicates="drop")
-    return values
+    if not pd.api.types.is_numeric_dtype(values) or values.nunique() <= MAX_LEVELS:
+        return values
+    edges = values.quantile(np.linspace(0, 1, 5)).unique()
+    labels = [f"{low:.3g} to {high:.3g}" for low, high in zip(edges[:-1], edges[1:])]
+    return pd.cut(values, edges, labels=labels, include_lowest=True)
 
 
 def factor_table(runs: pd.DataFrame, factor: str) -> pd.DataFrame:
@@ -271,16 +277,17 @@ def pareto_front(runs: pd.DataFrame, cost: str = "n_params") -> pd.DataFrame:
     full = full_budget(runs).dropna(subset=[cost, METRIC]).sort_values(
         [cost, METRIC, "trial"], ascending=[True, False, True])
     better = full[METRIC] > full[METRIC].cummax().shift(fill_value=-np.inf)
-    return full.loc[better, ["trial", cost, METRIC, "test_acc", "run_id"]].reset_index(drop=True)
+    cols = [c for c in ["trial", cost, METRIC, "test_acc", "run_id"] if c in full]
+    return full.loc[better, cols].reset_index(drop=True)
 
 
 def importances(runs: pd.DataFrame, factors: list[str]) -> pd.DataFrame:
     """fANOVA importance of each factor for val_acc over the full-budget trials: the share of
     val_acc's variance a random forest attributes to it. Empty when there are fewer than
-    MIN_IMPORTANCE_TRIALS trials: the notebook says so instead."""
+    MIN_IMPORTANCE_TRIALS trials or val_acc never varied: the notebook says so instead."""
     full = full_budget(runs).dropna(subset=[METRIC])
     factors = [f for f in factors if full[f].notna().all()]  # fANOVA needs every key set
-    if len(full) < MIN_IMPORTANCE_TRIALS or not factors:
+    if len(full) < MIN_IMPORTANCE_TRIALS or not factors or full[METRIC].nunique() < 2:
         return pd.DataFrame(columns=["factor", "importance"])
     distributions = {f: _distribution(full[f]) for f in factors}
     study = optuna.create_study(direction="maximize")

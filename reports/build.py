@@ -26,6 +26,10 @@ from reports.analysis import ReportError, check_experiment
 
 HERE = Path(__file__).resolve().parent
 CELL_TIMEOUT = 600  # seconds; the slowest cell loads a checkpoint and the test images
+# the kernel draws headless, and a saved report has no use for progress bars: MLflow's would
+# log every download, tqdm's (imported by optuna) would ask for Jupyter widgets
+KERNEL_ENV = {"MPLBACKEND": "Agg", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+              "PYTHONWARNINGS": "ignore:IProgress not found"}
 
 
 def build(experiments: list[str], tracking_uri: str, out: str | Path | None = None) -> Path:
@@ -52,7 +56,7 @@ def build(experiments: list[str], tracking_uri: str, out: str | Path | None = No
                             resources={"metadata": {"path": str(HERE.parent)}},
                             extra_arguments=["--IPKernelApp.log_level=ERROR"])
     try:
-        client.execute()
+        client.execute(env={**os.environ, **KERNEL_ENV})
     finally:  # a notebook that failed half-way is the best account of why
         nbformat.write(notebook, out / "report.ipynb")
     html, _ = HTMLExporter().from_notebook_node(notebook)
@@ -84,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI")
     parser.add_argument("--out", help="output folder (default: reports/out/<experiment>)")
     args = parser.parse_args(argv)
+    # MLflow's default retries wait minutes on a server that is down; a report should say so
+    # in seconds (set the variable to override)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     try:
         if not tracking_uri:

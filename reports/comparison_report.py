@@ -16,24 +16,16 @@
 
 # %% tags=["parameters"]
 EXPERIMENTS = ["smoke", "smoke-ablation"]
-TRACKING_URI = "sqlite:///runs/mlflow.db"
+TRACKING_URI = "sqlite:///runs/smoke/mlflow.db"  # the study runner's default store
 OUT = "reports/out/smoke_vs_smoke-ablation"
 
 # %%
-import os
-import warnings
+import pandas as pd
+import seaborn as sns
+from IPython.display import Markdown, display
 
-# a saved report has no use for progress bars: tqdm's (imported by optuna) would ask for
-# Jupyter widgets, MLflow's would log every download
-warnings.filterwarnings("ignore", message="IProgress not found")
-os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
-
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-from IPython.display import Markdown, display  # noqa: E402
-
-from reports import analysis, figures  # noqa: E402
-from reports.outputs import save_figure, save_table  # noqa: E402
+from reports import analysis, figures
+from reports.outputs import save_figure, save_table
 
 sns.set_theme(style="whitegrid", context="notebook")
 pd.set_option("display.width", 140)
@@ -76,7 +68,7 @@ else:
 # ## 3. Ablation effects, study by study
 
 # %%
-ablations = [name for name, runs in studies.items() if (runs.get("mode") == "ablation").any()]
+ablations = [name for name, runs in studies.items() if analysis.is_ablation(runs)]
 effects = [analysis.ablation_effects(studies[name]).assign(study=name) for name in ablations]
 effects = pd.concat(effects).reset_index() if effects else pd.DataFrame()
 if effects.empty:

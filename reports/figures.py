@@ -2,16 +2,13 @@
 recomputed, so a figure always shows the numbers of the table beside it."""
 from __future__ import annotations
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-
-from reports.analysis import METRIC, early_stopped, factor_levels, full_budget  # noqa: E402
+from reports.analysis import METRIC, early_stopped, factor_levels, full_budget
 
 STOPPED = dict(marker="X", color="0.55")  # early-stopped trials never share a final's look
 
@@ -27,6 +24,16 @@ def _intervals(ax, positions, table: pd.DataFrame, low="ci_low", high="ci_high",
     return ax.errorbar(positions, table[mean], yerr=err, **style)
 
 
+def _label(value) -> str:
+    """A level as a tick label: searched floats like 0.0018535918876696797 read as 0.00185."""
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _tilt_long_labels(ax, labels: list[str]):
+    if max(map(len, labels), default=0) > 8:  # e.g. binned learning rates, crossed cells
+        ax.tick_params(axis="x", labelrotation=20)
+
+
 def factor_panels(runs: pd.DataFrame, factors: list[str], tables: pd.DataFrame) -> plt.Figure:
     """One row per factor: final val_acc of full-budget trials with the table's mean and interval
     (left), and apart from them the truncated val_acc of early-stopped trials (right)."""
@@ -34,9 +41,9 @@ def factor_panels(runs: pd.DataFrame, factors: list[str], tables: pd.DataFrame) 
                              squeeze=False)
     full, stopped = full_budget(runs), early_stopped(runs)
     for (left, right), factor in zip(axes, factors):
-        levels = factor_levels(runs[factor]).astype(str)
+        levels = factor_levels(runs[factor]).map(_label)
         table = tables.loc[factor]
-        order = table.index.astype(str).tolist()
+        order = [_label(v) for v in table.index]
         sns.stripplot(x=levels[full.index], y=full[METRIC], order=order, ax=left, alpha=0.6)
         _intervals(left, np.arange(len(order)), table, label="mean, 95% CI")
         left.set(xlabel=factor, ylabel="final val_acc", title="full budget")
@@ -48,6 +55,9 @@ def factor_panels(runs: pd.DataFrame, factors: list[str], tables: pd.DataFrame) 
             right.text(0.5, 0.5, "no early-stopped trials", ha="center", transform=right.transAxes)
         right.set(xlabel=factor, ylabel="val_acc at stop",
                   title="early-stopped (truncated: not comparable)")
+        for ax in (left, right):  # every level on both panels, even one with no trial there
+            ax.set_xlim(-0.5, len(order) - 0.5)
+            _tilt_long_labels(ax, order)
     fig.tight_layout()
     return fig
 
@@ -136,16 +146,21 @@ def attention_grid(images, maps, titles: list[str]) -> plt.Figure:
 
 def side_by_side(table: pd.DataFrame, x: str, hue: str, xlabel: str) -> plt.Figure:
     """Means with intervals for each level of x, one dodged series per hue (study)."""
-    levels = list(dict.fromkeys(table[x].astype(str)))
+    labels = table[x].map(_label)
+    numbers = pd.to_numeric(table[x], errors="coerce")  # studies may list levels differently
+    ordered = labels[numbers.sort_values(kind="stable").index] if numbers.notna().all() else labels
+    levels = list(dict.fromkeys(ordered))
     series = list(dict.fromkeys(table[hue]))
     width = 0.6 / len(series)
     fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(levels)), 4))
     for i, (name, color) in enumerate(zip(series, sns.color_palette(n_colors=len(series)))):
-        t = table[table[hue] == name]
+        mine = table[hue] == name
         shift = (i - (len(series) - 1) / 2) * width
-        _intervals(ax, [levels.index(v) + shift for v in t[x].astype(str)], t, color=color,
-                   label=name)
-    ax.set_xticks(range(len(levels)), levels, rotation=20 if len(levels) > 4 else 0)
+        _intervals(ax, [levels.index(v) + shift for v in labels[mine]], table[mine],
+                   color=color, label=name)
+    ax.set_xticks(range(len(levels)), levels)
+    ax.set_xlim(-0.5, len(levels) - 0.5)
+    _tilt_long_labels(ax, levels)
     ax.set(xlabel=xlabel, ylabel="final val_acc (mean, 95% CI)")
     ax.legend(fontsize=8)
     return fig

@@ -3,12 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
 import pandas as pd
-
-matplotlib.use("Agg")  # reports are built headless; figures are shown from their PNG files
-import matplotlib.pyplot as plt  # noqa: E402
-from IPython.display import Image  # noqa: E402
+from IPython.display import Image
 
 
 def save_table(table: pd.DataFrame | pd.Series, out: str | Path, name: str) -> pd.DataFrame:

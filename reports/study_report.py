@@ -18,24 +18,16 @@
 
 # %% tags=["parameters"]
 EXPERIMENT = "smoke"
-TRACKING_URI = "sqlite:///runs/mlflow.db"
+TRACKING_URI = "sqlite:///runs/smoke/mlflow.db"  # the study runner's default store
 OUT = "reports/out/smoke"
 
 # %%
-import os
-import warnings
+import pandas as pd
+import seaborn as sns
+from IPython.display import Markdown, display
 
-# a saved report has no use for progress bars: tqdm's (imported by optuna) would ask for
-# Jupyter widgets, MLflow's would log every download
-warnings.filterwarnings("ignore", message="IProgress not found")
-os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
-
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-from IPython.display import Markdown, display  # noqa: E402
-
-from reports import analysis, figures  # noqa: E402
-from reports.outputs import save_figure, save_table  # noqa: E402
+from reports import analysis, figures
+from reports.outputs import save_figure, save_table
 
 sns.set_theme(style="whitegrid", context="notebook")
 pd.set_option("display.width", 140)
@@ -43,7 +35,7 @@ pd.set_option("display.width", 140)
 runs = analysis.load_runs(TRACKING_URI, EXPERIMENT)
 full = analysis.full_budget(runs)
 factors = analysis.searched_factors(runs)
-is_ablation = (runs.get("mode") == "ablation").any()
+is_ablation = analysis.is_ablation(runs)
 # a study still running may have no final accuracy yet: the sections below then say so
 NO_FINAL = "No trial has run its full budget yet: no final accuracies to show."
 display(Markdown(f"**Study `{EXPERIMENT}`** at `{TRACKING_URI}`: {len(runs)} trials, "
@@ -143,8 +135,9 @@ if len(importance):
     display(importance)
     display(save_figure(figures.importance_bars(importance), OUT, "importance"))
 else:
-    print(f"Too few trials to rank factors: {len(full)} full-budget trials, at least "
-          f"{analysis.MIN_IMPORTANCE_TRIALS} needed for a forest that does not fit noise.")
+    print(f"Too few trials to rank factors: {len(full)} full-budget trials, where a forest "
+          f"that does not fit noise needs at least {analysis.MIN_IMPORTANCE_TRIALS} whose "
+          "val_acc varies.")
 
 # %% [markdown]
 # ## 7. Where the best model looks

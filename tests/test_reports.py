@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -83,7 +83,8 @@ def tiny_checkpoint(path: Path, cache_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """A SQLite MLflow store with a search study, an ablation study and two broken ones."""
+    """A SQLite MLflow store with a search study, an ablation study, a study still running
+    and two that cannot be reported on."""
     tmp = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -109,6 +110,13 @@ def store(tmp_path_factory):
             log_trial(client, ablation, f"{cell}/seed{seed}", cell_params(cell), curve(final),
                       seed=seed, mode="ablation", searched="model.pos_embedding,model.pool",
                       cell=cell)
+
+    running = new("running")  # no trial has finished yet
+    for i, depth in enumerate((2, 4)):
+        log_trial(client, running, f"trial_{i}", {"model.depth": depth, "model.heads": 2,
+                  "model.pos_embedding": "none"}, [0.3, 0.4], status="running")
+    log_trial(client, running, "trial_es", {"model.depth": 2, "model.heads": 2,
+              "model.pos_embedding": "none"}, [0.2], status="early-stopped")
 
     new("empty")
     no_metric = new("no-metric")
@@ -255,13 +263,23 @@ def test_rebuild_gives_identical_tables(store, ablation_report, tmp_path):
             (ablation_report / "tables" / name).read_bytes(), name
 
 
+def test_a_running_study_has_no_final_accuracies_yet(store):
+    runs = analysis.load_runs(store, "running")
+    assert analysis.full_budget(runs).empty and analysis.best_trials(runs).empty
+    depth = analysis.factor_table(runs, "model.depth")
+    assert depth.n.tolist() == [0] and depth.n_early_stopped.tolist() == [1]
+    assert analysis.pareto_front(runs).empty
+    assert analysis.importances(runs, ["model.depth"]).empty
+    assert analysis.study_summary(runs)["status: running"] == 2
+
+
 def test_comparison_side_by_side(store, tmp_path):
-    out = build(["search", "ablation"], store, tmp_path / "cmp")
+    out = build(["search", "ablation", "running"], store, tmp_path / "cmp")
     factors = table(out, "factors")
     pos = factors[factors.factor == "model.pos_embedding"]
-    assert set(pos.study) == {"search", "ablation"}
+    assert set(pos.study) == {"search", "ablation", "running"}
     summary = table(out, "summary", index_col=0)
-    assert list(summary.columns) == ["search", "ablation"]
+    assert list(summary.columns) == ["search", "ablation", "running"]
     assert_png(out / "figures" / "factor_model.pos_embedding.png")
     assert_png(out / "figures" / "ablation.png")
 
