@@ -123,3 +123,27 @@ def test_dry_run_prints_the_plan_and_starts_nothing(tmp_path):
 def test_resume_without_a_study_is_refused(tmp_path):
     r = run_cli(_write(tmp_path, spec_dict(tmp_path)), "--resume")
     assert r.returncode == 2 and "--resume" in r.stderr
+
+
+def test_multi_objective_search_needs_no_single_metric_scheduler(tmp_path):
+    d = spec_dict(tmp_path)
+    d["search"].update(metric=["val_acc", "params"], mode=["max", "min"])
+    with pytest.raises(SpecError, match="scheduler.type=asha"):
+        parse_spec(d)
+    d["scheduler"] = {"type": "none"}
+    spec = parse_spec(d)
+    assert spec.metrics == ["val_acc", "params"] and spec.modes == ["max", "min"]
+
+
+def test_base_names_another_studys_best_config(tmp_path):
+    best = tmp_path / "best_config.yaml"
+    best.write_text(yaml.safe_dump({"model": {"depth": 3, "patch_size": 8},
+                                    "train": {"lr": 0.003}}))
+    d = spec_dict(tmp_path, mode="ablation", search=None, base=str(best))
+    d["ablation"] = {"factors": {"model.pos_embedding": ["learned", "none"]}, "seeds": 2}
+    spec = parse_spec(d)
+    assert spec.base["model"]["patch_size"] == 8 and spec.base["train"]["lr"] == 0.003
+    assert spec.base["model"]["depth"] == 2  # the file's own sections win over the base
+    d["base"] = str(tmp_path / "missing.yaml")
+    with pytest.raises(SpecError, match="missing.yaml"):
+        parse_spec(d)
