@@ -32,8 +32,9 @@ def steps(client, run_id, metric="val_acc") -> list[int]:
     return sorted({m.step for m in client.get_metric_history(run_id, metric)})
 
 
-def test_smoke_study_end_to_end(tmp_path):
-    """`python -m study.run experiments/smoke.yaml` as a user runs it (only the folders moved)."""
+def test_smoke_study_end_to_end_and_its_report(tmp_path):
+    """`python -m study.run experiments/smoke.yaml` as a user runs it (only the folders moved),
+    then `reports.build` on what it logged."""
     out = run(REPO / "experiments" / "smoke.yaml", "--set", f"storage={tmp_path / 'runs'}",
               "--set", f"data.cache_dir={tmp_path / 'cache'}", env=env_without_tracking())
     study = tmp_path / "runs" / "smoke"
@@ -62,6 +63,18 @@ def test_smoke_study_end_to_end(tmp_path):
         assert steps(client, r["run_id"]) == list(range(1, row["budget"] + 1))
         has_ckpt = bool(client.list_artifacts(r["run_id"], "checkpoint"))
         assert has_ckpt == (row["status"] == "completed")
+
+    # and its report, rebuilt from MLflow alone
+    from reports.build import build
+    out = build(["smoke"], uri, tmp_path / "report")
+    assert (out / "report.html").stat().st_size > 10_000
+    summary = pd.read_csv(out / "tables" / "summary.csv", index_col=0).iloc[:, 0]
+    assert int(summary["trials"]) == 4
+    assert int(summary["full-budget trials"]) == len(full)
+    assert float(summary["best val_acc"]) == pytest.approx(winner["val_acc"])
+    pngs = sorted((out / "figures").glob("*.png"))
+    assert {p.stem for p in pngs} >= {"factors", "attention"}
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
 
 
 def test_errors_are_recorded_and_killed_trials_resume_from_their_checkpoint(tmp_path):
