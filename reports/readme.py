@@ -1,0 +1,92 @@
+"""Write the README's Results section from built reports, so no number is typed by hand.
+
+    python -m reports.readme [--search reports/examples/quick]
+                             [--ablation reports/examples/pos_embedding] [--readme README.md]
+
+Reads the tables a report build wrote (tables/summary.csv, best.csv, ablation.csv) and replaces
+what lies between the `<!-- results:start -->` and `<!-- results:end -->` markers.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import pandas as pd
+
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def summary(report: Path) -> pd.Series:
+    return pd.read_csv(report / "tables" / "summary.csv", index_col=0).iloc[:, 0]
+
+
+def search_section(report: Path) -> str:
+    s = summary(report)
+    best = pd.read_csv(report / "tables" / "best.csv")
+    shown = [c for c in best.columns if c not in ("run_id",)]
+    return "\n".join([
+        f"**Search** (`{report.name}`, report: `{report}/report.html`): {s['trials']} trials, "
+        f"{s['full-budget trials']} at the full budget of {s['max epochs']} epochs, "
+        f"{float(s['compute hours (sum of epoch_seconds)']):.2f} compute hours. Best by val_acc "
+        f"(test_acc shown, never used to choose):",
+        "",
+        markdown(best[shown]),
+    ])
+
+
+def ablation_section(report: Path) -> str:
+    s = summary(report)
+    effects = pd.read_csv(report / "tables" / "ablation.csv")
+    rows = ["| cell | n | val_acc mean [95% CI] | diff to baseline [95% CI] | p | verdict |",
+            "|---|---|---|---|---|---|"]
+    for _, r in effects.iterrows():
+        diff = ("" if pd.isna(r.get("diff_low")) else
+                f"{r['diff']:+.4f} [{r['diff_low']:+.4f}, {r['diff_high']:+.4f}]")
+        p = "" if pd.isna(r.get("p_value")) else f"{r['p_value']:.3f}"
+        rows.append(f"| {r['cell']} | {int(r['n'])} | {r['mean']:.4f} [{r['ci_low']:.4f}, "
+                    f"{r['ci_high']:.4f}] | {diff} | {p} | {r['verdict']} |")
+    return "\n".join([
+        f"**Ablation** (`{report.name}`, report: `{report}/report.html`): {s['trials']} trials, "
+        f"{s['full-budget trials']} at the full budget of {s['max epochs']} epochs, "
+        f"{float(s['compute hours (sum of epoch_seconds)']):.2f} compute hours.",
+        "", *rows])
+
+
+def markdown(table: pd.DataFrame) -> str:
+    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    return "\n".join(["| " + " | ".join(map(str, table.columns)) + " |",
+                      "|" + "---|" * len(table.columns),
+                      *("| " + " | ".join(cell(v) for v in row) + " |"
+                        for row in table.itertuples(index=False))])
+
+
+def render(search: Path | None, ablation: Path | None) -> str:
+    parts = [search_section(search)] if search else []
+    parts += [ablation_section(ablation)] if ablation else []
+    return "\n\n".join(parts)
+
+
+def replace_section(readme: Path, body: str) -> None:
+    text = readme.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"error: {readme} has no {START} ... {END} markers")
+    text = re.sub(f"{re.escape(START)}.*?{re.escape(END)}",
+                  lambda _: f"{START}\n{body}\n{END}", text, flags=re.S)
+    readme.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m reports.readme", description=__doc__.split("\n")[0])
+    ap.add_argument("--search", type=Path, default=Path("reports/examples/quick"))
+    ap.add_argument("--ablation", type=Path, default=Path("reports/examples/pos_embedding"))
+    ap.add_argument("--readme", type=Path, default=Path("README.md"))
+    ap.add_argument("--preface", default="", help="text placed above the generated tables")
+    args = ap.parse_args(argv)
+    body = render(args.search, args.ablation)
+    replace_section(args.readme, f"{args.preface}\n\n{body}".strip())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
