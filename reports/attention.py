@@ -16,14 +16,16 @@ from tinyvit.model import TinyViT
 
 def attention_on_test_images(checkpoint: Path, n_images: int = 6):
     """(images uint8 [n, 3, H, W], maps [depth, n, heads, grid, grid], one title per image naming
-    the true and the predicted class) for the first test images of the trial's own data."""
+    the true and the predicted class) for test images of the trial's own data, one per class."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     cfg = Config.from_dict(state["config"])
     model = TinyViT(cfg.model)
     model.load_state_dict(state["model"])
     model.eval()
     arrays = load_arrays(cfg.data)
-    images, labels = arrays.test_x[:n_images], arrays.test_y[:n_images]
+    # the first test image of each class in turn: folder-ordered test sets hold one class first
+    first = [int((arrays.test_y == c).nonzero()[0]) for c in arrays.test_y.unique()[:n_images]]
+    images, labels = arrays.test_x[first], arrays.test_y[first]
     # the trainer normalizes with the train split's statistics, saved in the checkpoint
     mean, std = (torch.tensor(state[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
     x = (images.float() / 255 - mean) / std
