@@ -1,0 +1,277 @@
+"""Speed benchmark: the seed's training pipeline against this project's trainer, same machine.
+
+Two parts (`--part throughput|time-to-accuracy|all`):
+
+- throughput: trains the seed configuration (208,074 parameters) with
+  (a) a faithful copy of the seed's pipeline: its TinyViT (`nn.MultiheadAttention`), per-sample
+      `ToTensor` + `Normalize` behind a torchvision-CIFAR10-style Dataset (`Image.fromarray` of
+      a uint8 HWC array, then the transform), a `DataLoader` with 2 workers, batch 64, shuffle,
+      Adam lr 3e-4, plain cross-entropy;
+  (b) `tinyvit.train.fit` on the seed model configuration (the recipe of `--recipe`, default
+      bench/fast_cifar10.yaml's train/data sections) and prints images/second of both and the
+      ratio. Rounds alternate (a) and (b) so that load from other processes hits both alike;
+      each round warms up before it measures a fixed number of images.
+- time-to-accuracy: runs `fit` on a recipe (default bench/fast_cifar10.yaml) and reports the
+  wall time of the whole run (data load to test accuracy), val_acc and test_acc, plus an
+  estimate of the seed recipe's time on this machine from (a)'s img/s when both parts run.
+
+Runs unchanged on a GPU: device auto, bf16 autocast and channels-last come from the trainer's
+defaults there; `--compile` turns on `train.compile` for (b).
+
+    python bench/speed.py --part all
+    python bench/speed.py --part throughput --rounds 3 --steps 30
+    python bench/speed.py --part time-to-accuracy --config bench/fast_cifar10.yaml
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import tinyvit  # noqa: E402,F401  first: sets OMP_WAIT_POLICY before torch loads (both pipelines)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from tinyvit.config import Config, load, read_yaml  # noqa: E402
+from tinyvit.data import Arrays, load_arrays  # noqa: E402
+from tinyvit.model import TinyViT, count_params  # noqa: E402
+from tinyvit.train import fit, resolve_device  # noqa: E402
+
+DEFAULT_RECIPE = ROOT / "bench" / "fast_cifar10.yaml"
+DEFAULT_DATA = "/work/shared/data/cifar10-jpeg.tar.gz"
+SEED_PARAMS = 208_074
+SEED_TARGET = 0.604  # the seed's reported test accuracy
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) the seed's pipeline, copied: model, Dataset, transforms, DataLoader, Adam
+# ---------------------------------------------------------------------------------------------
+class SeedBlock(nn.Module):
+    def __init__(self, dim=64, heads=4, mlp_dim=256):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim))
+
+    def forward(self, x):
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h)[0]  # need_weights defaults to True, as the seed left it
+        return x + self.mlp(self.norm2(x))
+
+
+class SeedViT(nn.Module):
+    def __init__(self, image_size=32, patch_size=4, dim=64, depth=4, heads=4, mlp_dim=256,
+                 num_classes=10):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, (image_size // patch_size) ** 2 + 1, dim))
+        self.blocks = nn.Sequential(*[SeedBlock(dim, heads, mlp_dim) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = self.blocks(x)
+        return self.head(self.norm(x[:, 0]))
+
+
+class SeedCIFAR(torch.utils.data.Dataset):
+    """What torchvision's CIFAR10.__getitem__ does: uint8 HWC array -> PIL image -> transform."""
+
+    def __init__(self, data: np.ndarray, targets: list[int], transform):
+        self.data, self.targets, self.transform = data, targets, transform
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        img = Image.fromarray(self.data[i])
+        return self.transform(img), self.targets[i]
+
+
+def seed_loader(arrays: Arrays, batch_size=64, workers=2):
+    from torchvision import transforms
+
+    transform = transforms.Compose([transforms.ToTensor(),
+                                    transforms.Normalize(CIFAR_MEAN, CIFAR_STD)])
+    hwc = arrays.train_x.permute(0, 2, 3, 1).contiguous().numpy()
+    ds = SeedCIFAR(hwc, arrays.train_y.tolist(), transform)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True,
+                                       num_workers=workers, persistent_workers=workers > 0)
+
+
+class SeedTrainer:
+    """The seed's training loop, kept alive across rounds: one model, one endless loader."""
+
+    def __init__(self, arrays: Arrays, device: torch.device):
+        torch.manual_seed(0)
+        self.device = device
+        self.model = SeedViT().to(device)
+        assert count_params(self.model) == SEED_PARAMS, count_params(self.model)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=3e-4)
+        self.loader = seed_loader(arrays)
+        self.it = iter(self.loader)
+
+    def batch(self):
+        try:
+            return next(self.it)
+        except StopIteration:  # a new epoch, as the seed's `for epoch` loop would start
+            self.it = iter(self.loader)
+            return next(self.it)
+
+    def steps(self, n: int) -> int:
+        self.model.train()
+        images = 0
+        for _ in range(n):
+            x, y = self.batch()
+            x, y = x.to(self.device), y.to(self.device)
+            loss = F.cross_entropy(self.model(x), y)
+            self.opt.zero_grad()
+            loss.backward()
+            self.opt.step()
+            images += len(y)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return images
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) this project's trainer
+# ---------------------------------------------------------------------------------------------
+def trainer_images_per_sec(cfg_dict: dict, arrays: Arrays, steps: int) -> float:
+    """`fit` for 2 epochs of `steps` steps each on a train subset; the first epoch is the
+    warm-up, the second is measured (fit's own `images_per_sec`: the training loop only)."""
+    d = {s: dict(cfg_dict.get(s) or {}) for s in ("model", "data", "train")}
+    d["model"] = {}  # the seed model configuration, whatever the recipe trains
+    d["train"]["epochs"] = 2
+    bs = d["train"].get("batch_size", Config().train.batch_size)
+    d["data"]["subset"] = steps * bs
+    d["data"]["val_size"] = 500  # not measured: keep the per-epoch validation short
+    cfg = Config.from_dict(d)
+    assert count_params(TinyViT(cfg.model)) == SEED_PARAMS
+    seen = []
+    fit(cfg, arrays, on_epoch=lambda m, _: seen.append(m))
+    return seen[-1]["images_per_sec"]
+
+
+def throughput(args, arrays: Arrays, recipe: dict) -> dict:
+    device = resolve_device(recipe.get("train", {}).get("device", "auto"))
+    small = Arrays(arrays.train_x, arrays.train_y, arrays.test_x[:500], arrays.test_y[:500],
+                   arrays.classes)  # fit tests once at the end: keep that short too
+    bs_b = recipe.get("train", {}).get("batch_size", Config().train.batch_size)
+    images = args.steps * bs_b  # (a) trains the same number of images per round as (b)
+    seed = SeedTrainer(arrays, device)
+    t = time.perf_counter()
+    seed.steps(args.warmup)  # starts the workers, fills the prefetch queue
+    print(f"(a) seed pipeline ready in {time.perf_counter() - t:.1f}s", flush=True)
+    a, b = [], []
+    for r in range(args.rounds):
+        seed.steps(5)  # drains what the workers prefetched while (b) ran: not measured
+        t = time.perf_counter()
+        n = seed.steps(-(-images // 64))
+        a.append(n / (time.perf_counter() - t))
+        b.append(trainer_images_per_sec(recipe, small, args.steps))
+        print(f"round {r + 1}/{args.rounds}: (a) seed {a[-1]:7.0f} img/s   "
+              f"(b) tinyvit {b[-1]:7.0f} img/s   ratio {b[-1] / a[-1]:.2f}  "
+              f"[load {os.getloadavg()[0]:.2f}]", flush=True)
+    del seed
+    med = lambda v: float(np.median(v))  # noqa: E731
+    out = {"seed_img_s": med(a), "tinyvit_img_s": med(b), "ratio": med(b) / med(a),
+           "ratio_per_round": [y / x for x, y in zip(a, b)], "batch_size_b": bs_b}
+    print(f"\nthroughput, median of {args.rounds} rounds of {images} images each:\n"
+          f"  (a) seed pipeline      {out['seed_img_s']:7.0f} img/s\n"
+          f"  (b) tinyvit.train.fit  {out['tinyvit_img_s']:7.0f} img/s  (batch {bs_b})\n"
+          f"  ratio (b)/(a)          {out['ratio']:7.2f}x  (per round: "
+          + ", ".join(f"{x:.2f}" for x in out["ratio_per_round"]) + ")", flush=True)
+    return out
+
+
+def time_to_accuracy(args, overrides: list[str]) -> dict:
+    t0 = time.perf_counter()
+    cfg = load(args.config, overrides)
+    arrays = load_arrays(cfg.data)
+    print(f"time-to-accuracy: {args.config} {' '.join(overrides)}  "
+          f"({count_params(TinyViT(cfg.model)):,} params)", flush=True)
+
+    def on_epoch(m, _):
+        print(f"  epoch {m['epoch']:>2}/{cfg.train.epochs}  elapsed "
+              f"{time.perf_counter() - t0:6.1f}s  train_acc {m['train_acc']:.4f}  "
+              f"val_acc {m['val_acc']:.4f}  {m['images_per_sec']:.0f} img/s"
+              + (f"  test_acc {m['test_acc']:.4f}" if "test_acc" in m else "")
+              + f"  [load {os.getloadavg()[0]:.2f}]", flush=True)
+
+    final = fit(cfg, arrays, on_epoch)
+    wall = time.perf_counter() - t0
+    hit = final["test_acc"] >= SEED_TARGET
+    print(f"\n  {cfg.train.epochs} epochs, wall {wall:.1f}s (data load to test accuracy), "
+          f"val_acc {final['val_acc']:.4f}, test_acc {final['test_acc']:.4f}: "
+          f"{'reaches' if hit else 'does NOT reach'} the seed's {SEED_TARGET:.1%}", flush=True)
+    return {"wall_s": wall, "val_acc": final["val_acc"], "test_acc": final["test_acc"],
+            "epochs": cfg.train.epochs, "reached": hit}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--part", choices=("throughput", "time-to-accuracy", "all"), default="all")
+    ap.add_argument("--config", default=str(DEFAULT_RECIPE),
+                    help="recipe YAML: its train/data sections drive (b); all of it drives "
+                         "time-to-accuracy")
+    ap.add_argument("--data", default=None,
+                    help="imagefolder root or archive for both parts (default: the recipe's "
+                         f"data.root, else {DEFAULT_DATA}); 'synthetic' for random images")
+    ap.add_argument("--steps", type=int, default=30,
+                    help="throughput: measured steps of (b) per round; (a) trains as many images")
+    ap.add_argument("--warmup", type=int, default=10, help="throughput: (a) warm-up steps")
+    ap.add_argument("--rounds", type=int, default=3, help="throughput: alternating rounds")
+    ap.add_argument("--compile", action="store_true", help="train.compile=true for (b)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a recipe key for (b) and time-to-accuracy (repeatable)")
+    args = ap.parse_args(argv)
+
+    overrides = list(args.set)
+    if args.data == "synthetic":
+        overrides += ["data.source=synthetic", "data.synthetic_train=50000",
+                      "data.synthetic_test=10000"]
+    elif args.data:
+        overrides += ["data.source=imagefolder", f"data.root={args.data}"]
+    if args.compile:
+        overrides.append("train.compile=true")
+    cfg = load(args.config, overrides)
+    recipe = {k: v for k, v in cfg.to_dict().items()}
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, device "
+          f"{resolve_device(cfg.train.device)}; load average {os.getloadavg()}", flush=True)
+    out = {}
+    if args.part in ("throughput", "all"):
+        arrays = load_arrays(cfg.data)
+        out["throughput"] = throughput(args, arrays, recipe)
+    if args.part in ("time-to-accuracy", "all"):
+        out["tta"] = time_to_accuracy(args, overrides)
+    if "throughput" in out:
+        # the seed recipe: 10 epochs of 50,000 images, then a 10,000-image test pass per epoch
+        # (forward only, ~1/3 of a training step's cost)
+        per_epoch = (50_000 + 10_000 / 3) / out["throughput"]["seed_img_s"]
+        print(f"\nseed recipe (10 epochs, batch 64) estimated here from (a): "
+              f"{10 * per_epoch:.0f}s ({per_epoch:.0f}s/epoch); a third of it: "
+              f"{10 * per_epoch / 3:.0f}s", flush=True)
+    print(f"load average at the end {os.getloadavg()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
