@@ -40,7 +40,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from tinyvit.config import Config, load, read_yaml  # noqa: E402
+from tinyvit.config import Config, load  # noqa: E402
 from tinyvit.data import Arrays, load_arrays  # noqa: E402
 from tinyvit.model import TinyViT, count_params  # noqa: E402
 from tinyvit.train import fit, resolve_device  # noqa: E402

@@ -10,7 +10,7 @@ import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tinyvit.config import KEYS, Config, ConfigError, read_yaml, parse_override, set_dotted
+from tinyvit.config import Config, ConfigError, parse_override, read_yaml, set_dotted
 
 from .space import SpaceError, parse_space, parse_ablation, sample_configs
 
@@ -216,5 +216,3 @@ def _int(v, key: str, lo: int) -> int:
         raise SpecError(f"{key} must be an integer >= {lo}, got {v!r}")
     return v
 
-
-__all__ = ["Spec", "SpecError", "load_spec", "parse_spec", "KEYS"]
