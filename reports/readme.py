@@ -54,7 +54,10 @@ def ablation_section(report: Path) -> str:
 
 
 def markdown(table: pd.DataFrame) -> str:
-    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    def cell(v) -> str:  # counts (a parameter count read back as float) print as integers
+        if isinstance(v, float):
+            return f"{v:.0f}" if v.is_integer() and abs(v) >= 1000 else f"{v:.4f}"
+        return str(v)
     return "\n".join(["| " + " | ".join(map(str, table.columns)) + " |",
                       "|" + "---|" * len(table.columns),
                       *("| " + " | ".join(cell(v) for v in row) + " |"
