@@ -61,8 +61,11 @@ def _tune_config(spec: Spec) -> tune.TuneConfig:
                                   grace_period=spec.scheduler["grace_period"],
                                   reduction_factor=spec.scheduler["reduction_factor"],
                                   **objective)
+    # reuse_actors: a finished trial's worker process takes the next trial, so torch is imported
+    # and the data set fetched from the object store once per worker, not once per trial
     return tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=samples,
-                           max_concurrent_trials=spec.resources["max_concurrent"])
+                           max_concurrent_trials=spec.resources["max_concurrent"],
+                           reuse_actors=True)
 
 
 def _run_config(spec: Spec, uri: str, experiment_id: str, cells: dict) -> RunConfig:
