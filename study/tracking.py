@@ -72,8 +72,9 @@ class MlflowTrials(tune.Callback):
     def __init__(self, uri: str, experiment_id: str, spec: Spec, cells: dict):
         self.uri, self.experiment_id, self.cells = uri, experiment_id, cells
         self.base, self.max_epochs = spec.base, spec.base.get("train", {}).get("epochs", 10)
+        # `results` names this study's folder: one study instance, even if a name is reused
         self.tags = {"study": spec.name, "mode": spec.mode, "searched": ",".join(spec.searched),
-                     "git_commit": git_commit()}
+                     "results": str(spec.path), "git_commit": git_commit()}
         self.client, self.runs = None, {}
 
     def __getstate__(self):  # Tuner pickles its callbacks; a client and its run cache stay behind
@@ -126,6 +127,17 @@ class MlflowTrials(tune.Callback):
             with trial.checkpoint.as_directory() as folder:
                 self.client.log_artifact(run_id, str(Path(folder) / CHECKPOINT_FILE), "checkpoint")
         self.client.set_terminated(run_id, "FINISHED")
+
+    def on_experiment_end(self, trials, **info):
+        """A driver killed between creating a trial's run and saving the trial in Ray's state
+        leaves a run for a trial that --resume never knew: delete it (MLflow keeps deleted
+        runs restorable), so that the study ends with exactly one run per trial."""
+        known = {t.trial_id for t in trials}
+        runs = self.client.search_runs(
+            [self.experiment_id], f"tags.results = '{self.tags['results']}'", max_results=50000)
+        for run in runs:
+            if run.data.tags.get("trial_id") not in known:
+                self.client.delete_run(run.info.run_id)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self.run_id(trial)
