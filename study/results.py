@@ -8,7 +8,7 @@ from ray.tune import ExperimentAnalysis
 from tinyvit.config import Config
 
 from .spec import Spec
-from .trainable import trial_config
+from .trainable import trial_config, trial_status
 
 
 def trial_table(spec: Spec, cells: dict) -> tuple[pd.DataFrame, dict[str, Config]]:
@@ -22,7 +22,7 @@ def trial_table(spec: Spec, cells: dict) -> tuple[pd.DataFrame, dict[str, Config
         history = analysis.trial_dataframes.get(trial.trial_id)
         budget = int(last.get("epoch", 0))
         status = ("errored" if trial.status == "ERROR" else
-                  "completed" if budget >= cfg.train.epochs else "early-stopped")
+                  trial_status(budget, cfg.train.epochs))
         best = history["val_acc"].max() if history is not None and "val_acc" in history else None
         rows.append({"trial_id": trial.trial_id, "cell": trial.config.get("cell"),
                      "status": status, "budget": budget, "max_epochs": cfg.train.epochs,

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from .spec import Spec, SpecError
-from .trainable import CHECKPOINT_FILE, trial_config
+from .trainable import CHECKPOINT_FILE, trial_config, trial_status
 
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds",
                  "images_per_sec", "test_loss", "test_acc")
@@ -71,7 +71,7 @@ def git_commit() -> str:
 class MlflowTrials(tune.Callback):
     def __init__(self, uri: str, experiment_id: str, spec: Spec, cells: dict):
         self.uri, self.experiment_id, self.cells = uri, experiment_id, cells
-        self.base, self.max_epochs = spec.base, spec.base.get("train", {}).get("epochs", 10)
+        self.base = spec.base
         # `results` names this study's folder: one study instance, even if a name is reused
         self.tags = {"study": spec.name, "mode": spec.mode, "searched": ",".join(spec.searched),
                      "results": str(spec.path), "git_commit": git_commit()}
@@ -120,7 +120,7 @@ class MlflowTrials(tune.Callback):
         run_id = self.run_id(trial)
         budget = int((trial.last_result or {}).get("epoch", 0))
         max_epochs = trial_config(self.base, trial.config, self.cells).train.epochs
-        status = "completed" if budget >= max_epochs else "early-stopped"
+        status = trial_status(budget, max_epochs)
         self.client.set_tag(run_id, "status", status)
         self.client.set_tag(run_id, "budget", str(budget))
         if status == "completed" and trial.checkpoint:  # the reports draw its attention maps

@@ -31,6 +31,11 @@ def trial_config(base: dict, config: dict, cells: dict) -> Config:
     return Config.from_dict(apply(base, trial_overrides(config, cells)))
 
 
+def trial_status(budget: int, max_epochs: int) -> str:
+    """A finished trial that ran fewer epochs than its budget was stopped early (ASHA)."""
+    return "completed" if budget >= max_epochs else "early-stopped"
+
+
 def run_trial(config: dict, base: dict, cells: dict, arrays) -> None:
     cfg = trial_config(base, config, cells)
     resume = None
