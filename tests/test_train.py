@@ -70,3 +70,19 @@ def test_cli_trains_and_checkpoints(tiny, tmp_path):
     assert "epoch   1/1" in r.stdout and "test_acc" in r.stdout
     state = torch.load(tmp_path / "c.pt", weights_only=True)
     assert state["epoch"] == 1 and state["config"]["model"]["depth"] == 1
+
+
+def test_eval_flip_averages_the_logits_of_each_image_and_its_mirror(tiny_cfg):
+    from tinyvit.model import TinyViT
+    from tinyvit.train import evaluate
+    torch.manual_seed(0)
+    model = TinyViT(tiny_cfg.model).eval()
+    x, y = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (40,))
+    normalize = lambda t: t.float() / 255  # noqa: E731
+    amp = torch.autocast("cpu", enabled=False)
+    with torch.no_grad():
+        logits = (model(normalize(x)) + model(normalize(x).flip(3))) / 2
+    loss, acc = evaluate(model, (x, y), normalize, 16, amp, flip=True)
+    assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits, y).item(), rel=1e-5)
+    assert acc == (logits.argmax(1) == y).sum().item() / len(y)
+    assert evaluate(model, (x, y), normalize, 16, amp)[0] != pytest.approx(loss)

@@ -104,6 +104,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
     seed: int = 0
     eval_batch_size: int = 1000
+    eval_flip: bool = False  # score val/test on each image and its mirror, averaging the logits
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU (bf16 is slower there)
     compile: bool = False

@@ -104,7 +104,8 @@ def fit(cfg: Config, arrays: Arrays | None = None, on_epoch: OnEpoch | None = No
         if not math.isfinite(train_loss):
             raise TrainingDiverged(f"loss became {train_loss} in epoch {epoch}; lower train.lr "
                                    f"(now {tc.lr}) or raise train.warmup_epochs / train.grad_clip")
-        val_loss, val_acc = evaluate(forward, data.val, data.normalize, tc.eval_batch_size, amp)
+        val_loss, val_acc = evaluate(forward, data.val, data.normalize, tc.eval_batch_size, amp,
+                                     tc.eval_flip)
         metrics = {"epoch": epoch, "train_loss": train_loss,
                    "train_acc": correct.item() / (steps_per_epoch * batch_size),
                    "val_loss": val_loss, "val_acc": val_acc,
@@ -114,15 +115,17 @@ def fit(cfg: Config, arrays: Arrays | None = None, on_epoch: OnEpoch | None = No
                    "params": count_params(model)}
         if epoch == tc.epochs:  # test once, at the end: it is reported, never selected on
             metrics["test_loss"], metrics["test_acc"] = evaluate(
-                forward, data.test, data.normalize, tc.eval_batch_size, amp)
+                forward, data.test, data.normalize, tc.eval_batch_size, amp, tc.eval_flip)
         if on_epoch:
             on_epoch(metrics, checkpoint)
     return metrics
 
 
 @torch.inference_mode()
-def evaluate(forward, split_xy, normalize, batch_size, amp) -> tuple[float, float]:
-    """Mean cross-entropy (no smoothing) and accuracy over a split."""
+def evaluate(forward, split_xy, normalize, batch_size, amp, flip=False) -> tuple[float, float]:
+    """Mean cross-entropy (no smoothing) and accuracy over a split. With `flip`, the logits of
+    each image and of its mirror are averaged: training flips images, so the model has learned
+    both views, and two views vote better than one (airbench's test-time augmentation)."""
     if isinstance(forward, torch.nn.Module):
         forward.eval()
     x, y = split_xy
@@ -130,8 +133,11 @@ def evaluate(forward, split_xy, normalize, batch_size, amp) -> tuple[float, floa
         return float("nan"), float("nan")
     loss, correct = 0.0, 0
     for i in range(0, len(y), batch_size):
+        batch = normalize(x[i:i + batch_size])
         with amp:
-            logits = forward(normalize(x[i:i + batch_size])).float()
+            logits = forward(batch).float()
+            if flip:
+                logits = (logits + forward(batch.flip(3)).float()) / 2
         loss += F.cross_entropy(logits, y[i:i + batch_size], reduction="sum").item()
         correct += (logits.argmax(1) == y[i:i + batch_size]).sum().item()
     return loss / len(y), correct / len(y)
