@@ -168,6 +168,31 @@ def trainer_images_per_sec(cfg_dict: dict, arrays: Arrays, steps: int) -> float:
     return seen[-1]["images_per_sec"]
 
 
+def model_only_images_per_sec(model, optimizer, batch_size: int, steps: int,
+                              device: torch.device) -> float:
+    """Forward, backward and optimiser step on one random batch, no data path at all: the
+    ceiling any pipeline around this model and optimiser can reach on this machine."""
+    x = torch.randn(batch_size, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch_size,), device=device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step():
+        with amp:
+            loss = F.cross_entropy(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(3):
+        step()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * batch_size / (time.perf_counter() - t)
+
+
 def throughput(args, arrays: Arrays, recipe: dict) -> dict:
     device = resolve_device(recipe.get("train", {}).get("device", "auto"))
     small = Arrays(arrays.train_x, arrays.train_y, arrays.test_x[:500], arrays.test_y[:500],
@@ -188,15 +213,29 @@ def throughput(args, arrays: Arrays, recipe: dict) -> dict:
         print(f"round {r + 1}/{args.rounds}: (a) seed {a[-1]:7.0f} img/s   "
               f"(b) tinyvit {b[-1]:7.0f} img/s   ratio {b[-1] / a[-1]:.2f}  "
               f"[load {os.getloadavg()[0]:.2f}]", flush=True)
+    # the same two models and optimisers without any data path: how much of (b)/(a) the
+    # models alone can explain, and how close each pipeline runs to its ceiling
+    a0 = model_only_images_per_sec(seed.model, seed.opt, 64, -(-images // 64), device)
     del seed
+    model = TinyViT(Config().model).to(device)
+    b0 = model_only_images_per_sec(
+        model, torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type in ("cuda", "cpu")),
+        bs_b, args.steps, device)
     med = lambda v: float(np.median(v))  # noqa: E731
     out = {"seed_img_s": med(a), "tinyvit_img_s": med(b), "ratio": med(b) / med(a),
-           "ratio_per_round": [y / x for x, y in zip(a, b)], "batch_size_b": bs_b}
+           "ratio_per_round": [y / x for x, y in zip(a, b)], "batch_size_b": bs_b,
+           "seed_model_only_img_s": a0, "tinyvit_model_only_img_s": b0}
     print(f"\nthroughput, median of {args.rounds} rounds of {images} images each:\n"
           f"  (a) seed pipeline      {out['seed_img_s']:7.0f} img/s\n"
           f"  (b) tinyvit.train.fit  {out['tinyvit_img_s']:7.0f} img/s  (batch {bs_b})\n"
           f"  ratio (b)/(a)          {out['ratio']:7.2f}x  (per round: "
-          + ", ".join(f"{x:.2f}" for x in out["ratio_per_round"]) + ")", flush=True)
+          + ", ".join(f"{x:.2f}" for x in out["ratio_per_round"]) + ")\n"
+          f"model only, one random batch, no data path (the ceilings):\n"
+          f"  (a0) seed MHA model + Adam, batch 64          {a0:7.0f} img/s "
+          f"(a runs at {out['seed_img_s'] / a0:.0%} of it)\n"
+          f"  (b0) TinyViT SDPA + fused AdamW, batch {bs_b:<4}  {b0:7.0f} img/s "
+          f"(b runs at {out['tinyvit_img_s'] / b0:.0%} of it)\n"
+          f"  ratio (b0)/(a0)        {b0 / a0:7.2f}x", flush=True)
     return out
 
 

@@ -16,8 +16,7 @@ from tinyvit.config import Config, ConfigError
 from tinyvit.data import DataError, load_arrays
 
 from .results import summarize, write_results
-from .spec import Spec, SpecError, load_spec
-from .tracking import check_tracking_uri, resolve_tracking_uri
+from .spec import Spec, SpecError, check_tracking_uri, load_spec, resolve_tracking_uri
 
 # a study's data set is decoded once, by the driver, and shipped to every trial: these keys
 # name the data set itself, so they cannot vary between trials of one study

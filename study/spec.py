@@ -7,6 +7,8 @@ trainer's own config (`tinyvit.config`), validated by the same code the trainer 
 from __future__ import annotations
 
 import copy
+import os
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -216,3 +218,28 @@ def _int(v, key: str, lo: int) -> int:
         raise SpecError(f"{key} must be an integer >= {lo}, got {v!r}")
     return v
 
+
+def resolve_tracking_uri(cli_uri: str | None, spec: Spec) -> str:
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else the file's mlflow.tracking_uri, else an
+    embedded SQLite store inside the study's folder."""
+    return (cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or spec.tracking_uri
+            or f"sqlite:///{spec.path / 'mlflow.db'}")
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Fail before Ray starts: an unreachable server or an impossible store path."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as r:
+                r.read()
+        except OSError as e:
+            raise SpecError(f"mlflow.tracking_uri {uri} is unreachable ({e}); start it with "
+                            "`mlflow server` or use a sqlite:/// URI") from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        probe = next((p for p in [folder, *folder.parents] if p.exists()), None)
+        if probe is None or not os.access(probe, os.W_OK):
+            raise SpecError(f"mlflow.tracking_uri {uri}: cannot create {folder}")
+    else:
+        raise SpecError(f"mlflow.tracking_uri {uri} must be sqlite:////abs/path.db or an "
+                        "http(s):// mlflow server (MLflow 3 refuses plain file stores)")

@@ -7,57 +7,32 @@ remember them: a resumed study continues the same runs instead of duplicating th
 """
 from __future__ import annotations
 
-import os
 import subprocess
-import urllib.request
+from concurrent.futures import Future
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from .spec import Spec, SpecError
+from .spec import Spec
 from .trainable import CHECKPOINT_FILE, trial_config, trial_status
 
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds",
                  "images_per_sec", "test_loss", "test_acc")
 
 
-def resolve_tracking_uri(cli_uri: str | None, spec: Spec) -> str:
-    """--tracking-uri, else MLFLOW_TRACKING_URI, else the file's mlflow.tracking_uri, else an
-    embedded SQLite store inside the study's folder."""
-    return (cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or spec.tracking_uri
-            or f"sqlite:///{spec.path / 'mlflow.db'}")
+def artifact_location(uri: str, spec: Spec) -> str | None:
+    """A server stores artifacts itself; an embedded store keeps them beside the study, not in
+    ./mlruns of whatever folder the driver ran in."""
+    return None if uri.startswith("http") else (spec.path / "mlartifacts").as_uri()
 
 
-def check_tracking_uri(uri: str) -> None:
-    """Fail before Ray starts: an unreachable server or an impossible store path."""
-    if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as r:
-                r.read()
-        except OSError as e:
-            raise SpecError(f"mlflow.tracking_uri {uri} is unreachable ({e}); start it with "
-                            "`mlflow server` or use a sqlite:/// URI") from None
-    elif uri.startswith("sqlite:///"):
-        folder = Path(uri.removeprefix("sqlite:///")).parent
-        probe = next((p for p in [folder, *folder.parents] if p.exists()), None)
-        if probe is None or not os.access(probe, os.W_OK):
-            raise SpecError(f"mlflow.tracking_uri {uri}: cannot create {folder}")
-    else:
-        raise SpecError(f"mlflow.tracking_uri {uri} must be sqlite:////abs/path.db or an "
-                        "http(s):// mlflow server (MLflow 3 refuses plain file stores)")
-
-
-def prepare_experiment(uri: str, spec: Spec) -> str:
-    """The experiment's id, created on first use. A server stores artifacts itself; an embedded
-    store keeps them beside the study, not in ./mlruns of whatever folder the driver ran in."""
+def prepare_experiment(uri: str, name: str, location: str | None) -> str:
+    """The experiment's id, created on first use (with the SQLite schema, for a new store)."""
     client = MlflowClient(uri)
-    found = client.get_experiment_by_name(spec.experiment)
-    if found:
-        return found.experiment_id
-    location = None if uri.startswith("http") else (spec.path / "mlartifacts").as_uri()
-    return client.create_experiment(spec.experiment, artifact_location=location)
+    found = client.get_experiment_by_name(name)
+    return found.experiment_id if found else client.create_experiment(name, location)
 
 
 def git_commit() -> str:
@@ -69,16 +44,27 @@ def git_commit() -> str:
 
 
 class MlflowTrials(tune.Callback):
-    def __init__(self, uri: str, experiment_id: str, spec: Spec, cells: dict):
-        self.uri, self.experiment_id, self.cells = uri, experiment_id, cells
-        self.base = spec.base
+    def __init__(self, uri: str, spec: Spec, cells: dict, experiment: Future | None = None):
+        self.uri, self.cells, self.base = uri, cells, spec.base
+        self.experiment = (spec.experiment, artifact_location(uri, spec))
+        self._pending, self._experiment_id = experiment, None
         # `results` names this study's folder: one study instance, even if a name is reused
         self.tags = {"study": spec.name, "mode": spec.mode, "searched": ",".join(spec.searched),
                      "results": str(spec.path), "git_commit": git_commit()}
         self.client, self.runs = None, {}
 
-    def __getstate__(self):  # Tuner pickles its callbacks; a client and its run cache stay behind
-        return {**self.__dict__, "client": None, "runs": {}}
+    def __getstate__(self):  # Tuner pickles its callbacks: a restored one looks its ids up again
+        return {**self.__dict__, "client": None, "runs": {}, "_pending": None,
+                "_experiment_id": None}
+
+    @property
+    def experiment_id(self) -> str:
+        """The first trial waits here, if at all, for the set-up that the driver started in a
+        thread alongside Ray's and Tune's start-up; a restored study finds it by name."""
+        if self._experiment_id is None:
+            self._experiment_id = (self._pending.result() if self._pending is not None
+                                   else prepare_experiment(self.uri, *self.experiment))
+        return self._experiment_id
 
     def setup(self, **info):
         self.client = MlflowClient(self.uri)

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import v2
 
 from .config import DataConfig
 
@@ -177,9 +176,15 @@ class BatchAugment:
 
     def __init__(self, cfg: DataConfig, num_classes: int):
         self.pad, self.flip = cfg.crop_padding, cfg.flip
-        mixers = [mixer(alpha=alpha, num_classes=num_classes)
-                  for mixer, alpha in ((v2.MixUp, cfg.mixup), (v2.CutMix, cfg.cutmix)) if alpha > 0]
-        self.mix = v2.RandomChoice(mixers) if mixers else None
+        self.mix = None
+        if cfg.mixup or cfg.cutmix:
+            # imported here: torchvision pulls in torch._dynamo (~2 s), which every trial process
+            # and study driver would otherwise pay before its first step
+            from torchvision.transforms import v2
+            mixers = [mixer(alpha=alpha, num_classes=num_classes)
+                      for mixer, alpha in ((v2.MixUp, cfg.mixup), (v2.CutMix, cfg.cutmix))
+                      if alpha > 0]
+            self.mix = v2.RandomChoice(mixers)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor):
         """x: normalized float [B, 3, H, W]; returns (x, y) with y soft labels when mixing."""
