@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tinyvit.config import Config, ConfigError, parse_override, read_yaml, set_dotted
 
-from .space import SpaceError, parse_space, parse_ablation, sample_configs
+from .space import SpaceError, parse_ablation, parse_space, sample_configs
 
 TOP_KEYS = {"name", "mode", "base", "model", "data", "train", "search", "ablation", "scheduler",
             "resources", "mlflow", "storage", "max_failures"}
