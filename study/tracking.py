@@ -22,10 +22,11 @@ EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_
                  "images_per_sec", "test_loss", "test_acc")
 
 
-def artifact_location(uri: str, spec: Spec) -> str | None:
-    """A server stores artifacts itself; an embedded store keeps them beside the study, not in
-    ./mlruns of whatever folder the driver ran in."""
-    return None if uri.startswith("http") else (spec.path / "mlartifacts").as_uri()
+def experiment_of(uri: str, spec: Spec) -> tuple[str, str | None]:
+    """The study's experiment name and artifact location. A server stores artifacts itself; an
+    embedded store keeps them beside the study, not in ./mlruns of whatever folder the driver
+    ran in."""
+    return spec.experiment, None if uri.startswith("http") else (spec.path / "mlartifacts").as_uri()
 
 
 def prepare_experiment(uri: str, name: str, location: str | None) -> str:
@@ -46,7 +47,7 @@ def git_commit() -> str:
 class MlflowTrials(tune.Callback):
     def __init__(self, uri: str, spec: Spec, cells: dict, experiment: Future | None = None):
         self.uri, self.cells, self.base = uri, cells, spec.base
-        self.experiment = (spec.experiment, artifact_location(uri, spec))
+        self.experiment = experiment_of(uri, spec)
         self._pending, self._experiment_id = experiment, None
         # `results` names this study's folder: one study instance, even if a name is reused
         self.tags = {"study": spec.name, "mode": spec.mode, "searched": ",".join(spec.searched),

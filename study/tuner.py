@@ -48,7 +48,7 @@ def run_study(spec: Spec, uri: str, arrays, address: str | None, resume: bool, t
 def _start_local_ray() -> None:
     # Ray prestarts one idle worker per CPU before any job exists, and trials never run in those
     # (their actors start workers of their own), so on a small machine the prestarted ones only
-    # compete with the trials' first imports: measured here, first trial 18.5 -> 13.3 s together
+    # compete with the trials' first imports: measured here, first trial 18.5 -> 13.8 s together
     # with no dashboard, which ray[tune] alone cannot serve anyway (it needs ray[default])
     os.environ.setdefault("RAY_enable_worker_prestart", "0")
     os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
@@ -56,9 +56,9 @@ def _start_local_ray() -> None:
 
 
 def _prepare_tracking(uri: str, spec: Spec) -> str:
-    from .tracking import artifact_location, prepare_experiment  # imports mlflow, in the thread
+    from .tracking import experiment_of, prepare_experiment  # imports mlflow, in the thread
 
-    return prepare_experiment(uri, spec.experiment, artifact_location(uri, spec))
+    return prepare_experiment(uri, *experiment_of(uri, spec))
 
 
 def _param_space(spec: Spec) -> dict:
