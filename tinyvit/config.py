@@ -17,6 +17,7 @@ import yaml
 
 POS_EMBEDDINGS = ("learned", "sinusoidal", "sinusoidal2d", "rope2d", "none")
 POOLS = ("cls", "mean")
+STEMS = ("patch", "conv")
 SOURCES = ("cifar10", "imagefolder", "synthetic")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -40,6 +41,7 @@ class ModelConfig:
     drop_path: float = 0.0
     pos_embedding: str = "learned"
     pool: str = "cls"
+    stem: str = "patch"  # patch: one strided conv (the seed); conv: 3x3 stride-2 convs to the grid
     rope_base: float = 100.0  # rope2d only: the longest wavelength, in patches
 
     def validate(self) -> None:
@@ -52,6 +54,12 @@ class ModelConfig:
                               f"{self.embed_dim} (allowed: {_divisors(self.embed_dim)})")
         _choice(self, "pos_embedding", POS_EMBEDDINGS)
         _choice(self, "pool", POOLS)
+        _choice(self, "stem", STEMS)
+        if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)
+                                    or self.embed_dim % (self.patch_size // 2)):
+            raise ConfigError(f"model.stem=conv halves the image per conv: model.patch_size="
+                              f"{self.patch_size} must be a power of 2 (>= 2) and model.embed_dim="
+                              f"{self.embed_dim} a multiple of patch_size/2")
         if self.pos_embedding == "sinusoidal2d" and self.embed_dim % 4:
             raise ConfigError(f"model.embed_dim={self.embed_dim} must be a multiple of 4 for "
                               "model.pos_embedding=sinusoidal2d (sin and cos for each of 2 axes)")
