@@ -26,6 +26,18 @@ def test_every_variant_runs_and_gives_attention_maps(pos, pool, patch):
         assert (maps.sum(dim=(-2, -1)) <= 1 + 1e-5).all()
 
 
+@pytest.mark.parametrize("patch", [2, 4, 16])
+def test_conv_stem_reaches_the_patch_grid(patch):
+    model = TinyViT(ModelConfig(stem="conv", patch_size=patch, embed_dim=32, heads=2, depth=1))
+    convs = [m for m in model.patch_embed if isinstance(m, torch.nn.Conv2d)]
+    assert [c.stride[0] for c in convs] == [2] * (patch.bit_length() - 1) + [1]
+    assert model.tokens(torch.randn(2, 3, 32, 32)).shape == (2, 1 + (32 // patch) ** 2, 32)
+    # BatchNorm in the stem: the eval forward must not depend on the rest of the batch
+    model.eval()
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(model(x)[:1], model(x[:1]), atol=1e-5, rtol=1e-4)
+
+
 def test_explicit_attention_matches_the_fused_kernel():
     model = TinyViT(ModelConfig(pos_embedding="rope2d")).eval()
     tokens = model.tokens(torch.randn(2, 3, 32, 32))
@@ -60,6 +72,8 @@ def test_vit_initialisation():
     ("model.pos_embedding", {"pos_embedding": "alibi"}),
     ("model.pool", {"pool": "max"}),
     ("model.embed_dim", {"embed_dim": 60, "heads": 6, "pos_embedding": "rope2d"}),
+    ("model.stem", {"stem": "resnet"}),
+    ("model.stem", {"stem": "conv", "patch_size": 1}),
 ])
 def test_invalid_combinations_name_the_field(field, kwargs):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")) as e:
