@@ -47,6 +47,32 @@ def test_explicit_attention_matches_the_fused_kernel():
     torch.testing.assert_close(weights.sum(-1), torch.ones_like(weights.sum(-1)))
 
 
+@pytest.mark.parametrize("pos", ["learned", "rope2d"])
+def test_cls_only_last_block_is_the_full_forward(pos):
+    # forward() computes the last block for the CLS token alone; every token through every block
+    # must give the same logits and the same gradients
+    torch.manual_seed(0)
+    model = TinyViT(ModelConfig(pos_embedding=pos))
+    x = torch.randn(4, 3, 32, 32)
+
+    def full(x):
+        t = model.tokens(x)
+        for block in model.blocks:
+            t, _ = block(t, model.rope)
+        return model.head(model.norm(t[:, 0]))
+
+    grads = []
+    for f in (model, full):
+        model.zero_grad()
+        out = f(x)
+        out.square().sum().backward()
+        grads.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    (short, g_short), (reference, g_ref) = grads
+    torch.testing.assert_close(short, reference, atol=1e-5, rtol=1e-4)
+    for a, b in zip(g_short, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)
+
+
 def test_rope_scores_depend_only_on_relative_offsets():
     # shifting the whole content of a patch grid moves every token, but the query-key scores of
     # token pairs at the same offset must stay equal under rope2d

@@ -1,13 +1,15 @@
 """TinyViT on CIFAR-10: model, data and trainer. Knows nothing of Ray, Optuna or MLflow."""
 import os
 
-# Before torch loads libgomp: idle OpenMP threads sleep instead of spinning. On the shared 2-core
-# CPU, with other processes runnable, spinning threads steal the cores from the thread that has
-# work and every parallel region waits out a scheduler slice: measured there (load 3-6, patch-8
-# model, batch 128) 50 img/s with torch's default 2 threads, 480-500 img/s with PASSIVE (the same
-# as 1 thread), 230-270 img/s with GOMP_SPINCOUNT=10000. Only takes effect when tinyvit is
-# imported before torch (the CLI, bench/speed.py); an explicit OMP_WAIT_POLICY wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before torch loads libgomp: an idle OpenMP thread spins ~0.1 ms (10,000 spins) before it sleeps.
+# libgomp's default, ~3 ms, lets a spinning thread hold a core that another process needs, and
+# every parallel region (hundreds per step) then waits out a scheduler slice; sleeping at once
+# (OMP_WAIT_POLICY=PASSIVE) pays a wake-up per region instead. Seed model, 2 threads, img/s
+# (bench/RESULTS.md): quiet 1,205 PASSIVE / 1,443 here / 1,414 default; beside one busy process
+# 728 / 595 / 165; beside two 448 / 552 / 218-539. Only takes effect when tinyvit is imported
+# before torch (the CLI, the study's trials, bench/speed.py); an explicit setting of either wins.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 from .config import Config, ConfigError  # noqa: E402
 from .model import TinyViT  # noqa: E402
