@@ -164,9 +164,10 @@ class TinyViT(nn.Module):
         # With CLS pooling the head reads the CLS token alone, so the last block computes its
         # query, attention, projection and MLP for that token only (keys and values still come
         # from every token): the same function for a fifth less arithmetic in the seed's shape.
-        last_queries = 1 if self.cls_token is not None else None
-        for i, block in enumerate(self.blocks):
-            x, _ = block(x, self.rope, queries=last_queries if i == len(self.blocks) - 1 else None)
+        *body, last = self.blocks
+        for block in body:
+            x, _ = block(x, self.rope)
+        x, _ = last(x, self.rope, queries=1 if self.cls_token is not None else None)
         x = x[:, 0] if self.cls_token is not None else x.mean(dim=1)
         return self.head(self.norm(x))
 
