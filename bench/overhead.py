@@ -51,8 +51,8 @@ def train_one(overrides: dict) -> float:
 
 
 def back_to_back(d: dict) -> tuple[float, float]:
-    from study.space import apply
-    configs = [apply(d, {"model.pos_embedding": pos, "train.seed": seed})
+    from tinyvit.config import apply_overrides
+    configs = [apply_overrides(d, {"model.pos_embedding": pos, "train.seed": seed})
                for pos in d["ablation"]["factors"]["model.pos_embedding"]
                for seed in d["ablation"]["seeds"]]
     t0 = time.perf_counter()

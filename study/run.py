@@ -12,16 +12,11 @@ import os
 import sys
 import time
 
-from tinyvit.config import Config, ConfigError
+from tinyvit.config import ConfigError
 from tinyvit.data import DataError, load_arrays
 
 from .results import summarize, write_results
-from .spec import Spec, SpecError, check_tracking_uri, load_spec, resolve_tracking_uri
-
-# a study's data set is decoded once, by the driver, and shipped to every trial: these keys
-# name the data set itself, so they cannot vary between trials of one study
-FIXED_KEYS = ("data.source", "data.root", "data.cache_dir", "data.synthetic_train",
-              "data.synthetic_test")
+from .spec import SpecError, check_tracking_uri, load_plan, resolve_tracking_uri, study_id
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,60 +36,32 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     try:
-        spec = load_spec(args.experiment, args.set)
-        for key in FIXED_KEYS:
-            if key in spec.searched:
-                raise SpecError(f"{key} cannot be searched or ablated: a study has one data set")
-        uri = resolve_tracking_uri(args.tracking_uri, spec)
+        plan = load_plan(args.experiment, args.set)
+        uri = resolve_tracking_uri(args.tracking_uri, plan)
         check_tracking_uri(uri)
-        _check_storage(spec, args.resume)
-        arrays = load_arrays(Config.from_dict(spec.base).data)
+        identity = study_id(plan, args.resume)
+        config = plan.config
+        arrays = load_arrays(config.data)
     except (SpecError, ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(plan(spec, uri, args.address), flush=True)
+        return _refuse(e)
+    print(plan.describe(uri, args.address), flush=True)
     if args.dry_run:
         return 0
 
     from .tuner import run_study  # Ray is imported only once the file is known to be good
 
-    cells = run_study(spec, uri, arrays, args.address, args.resume, t0)
-    table = write_results(spec, cells)
-    print(summarize(spec, table, uri))
+    try:
+        run_study(plan, uri, arrays, args.address, identity, args.resume, t0)
+    except SpecError as e:  # what the cluster can never run: refused before any trial
+        return _refuse(e)
+    table = write_results(plan)
+    print(summarize(plan, table, uri))
     return 0
 
 
-def _check_storage(spec: Spec, resume: bool) -> None:
-    state = spec.path / "tuner.pkl"
-    if resume and not state.exists():
-        raise SpecError(f"--resume: no study to resume at {spec.path} (storage/name of the file)")
-    if not resume and state.exists():
-        raise SpecError(f"study '{spec.name}' already has results at {spec.path}; continue it "
-                        "with --resume, or choose another name (--set name=...) or storage")
-
-
-def plan(spec: Spec, uri: str, address: str | None) -> str:
-    r = spec.resources
-    lines = [f"study     {spec.name} ({spec.mode}), {spec.trial_count()} trials of up to "
-             f"{spec.base.get('train', {}).get('epochs', Config().train.epochs)} epochs"]
-    if spec.mode == "search":
-        lines.append(f"search    Optuna TPE (seed {spec.search['seed']}) over "
-                     f"{', '.join(spec.searched)}; objective "
-                     + ", ".join(f"{m} ({o})" for m, o in zip(spec.metrics, spec.modes)))
-    else:
-        lines.append(f"ablation  {len(spec.space)} cells ({spec.ablation['design']}) x seeds "
-                     f"{spec.ablation['seeds']}: " + "; ".join(c.name for c in spec.space))
-    sched = spec.scheduler
-    lines += [
-        "scheduler " + ("none (every trial runs its full budget)" if sched["type"] == "none" else
-                        f"ASHA, grace period {sched['grace_period']} epochs, reduction factor "
-                        f"{sched['reduction_factor']}"),
-        f"resources {r['cpu']} CPU, {r['gpu']} GPU per trial; at most {r['max_concurrent']} at "
-        f"once; retries {spec.max_failures}; Ray at {address or 'a new local cluster'}",
-        f"results   {spec.path}",
-        f"mlflow    {uri} (experiment '{spec.experiment}')",
-    ]
-    return "\n".join(lines)
+def _refuse(e: Exception) -> int:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

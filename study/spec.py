@@ -1,20 +1,25 @@
-"""The experiment file: one YAML document describing a study, validated before anything runs.
+"""The experiment file, parsed once into a typed, validated `Plan` before anything runs.
 
 Every problem is a `SpecError` whose one-line message names the key, so that `study.run` can exit
 with code 2 before Ray starts and before MLflow is touched. The model/data/train sections are the
-trainer's own config (`tinyvit.config`), validated by the same code the trainer uses.
+trainer's own config (`tinyvit.config`), validated by the same code the trainer uses; what the
+study varies is a `Search` or an `Ablation` (study/space.py).
 """
 from __future__ import annotations
 
 import copy
 import os
 import urllib.request
-from dataclasses import dataclass, field
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
-from tinyvit.config import Config, ConfigError, parse_override, read_yaml, set_dotted
+import yaml
 
-from .space import SpaceError, parse_ablation, parse_space, sample_configs
+from tinyvit.config import (Config, ConfigError, apply_overrides, parse_override, read_yaml,
+                            set_dotted, short)
+
+from .space import Ablation, Search, SpaceError, parse_ablation, parse_search, validate_trials
 
 TOP_KEYS = {"name", "mode", "base", "model", "data", "train", "search", "ablation", "scheduler",
             "resources", "mlflow", "storage", "max_failures"}
@@ -23,7 +28,13 @@ ABLATION_KEYS = {"factors", "design", "baseline", "seeds"}
 SCHEDULER_KEYS = {"type", "grace_period", "reduction_factor"}
 RESOURCE_KEYS = {"cpu", "gpu", "max_concurrent"}
 MLFLOW_KEYS = {"tracking_uri", "experiment"}
-METRICS = ("val_acc", "val_loss", "train_loss", "train_acc", "params", "images_per_sec")
+# what every trial of a study is compared on: one data set (decoded once, by the driver), one
+# validation split, one image shape; a study that varied them would rank trials on different
+# questions
+FIXED_KEYS = ("data.source", "data.root", "data.cache_dir", "data.synthetic_train",
+              "data.synthetic_test", "data.val_size", "data.split_seed", "model.image_size",
+              "model.num_classes")
+RECORD = "study.yaml"  # in the study folder: its id and the experiment it was started with
 
 
 class SpecError(ValueError):
@@ -31,19 +42,17 @@ class SpecError(ValueError):
 
 
 @dataclass
-class Spec:
+class Plan:
     name: str
-    mode: str  # search | ablation
-    base: dict  # nested model/data/train config every trial starts from
+    design: Search | Ablation
+    base: dict  # nested model/data/train config every trial starts from, validated
     storage: Path  # absolute: Ray workers chdir into their trial folders
-    search: dict = field(default_factory=dict)
-    ablation: dict = field(default_factory=dict)
-    scheduler: dict = field(default_factory=dict)
-    resources: dict = field(default_factory=dict)
-    tracking_uri: str | None = None
-    experiment: str = ""
-    max_failures: int = 2
-    space: object = None  # study.space.Space (search) or list[Cell] (ablation)
+    scheduler: dict
+    resources: dict
+    tracking_uri: str | None
+    experiment: str  # MLflow experiment
+    max_failures: int
+    source: dict  # the experiment as read (file, --set, the base file's values): --resume compares
 
     @property
     def path(self) -> Path:
@@ -51,26 +60,36 @@ class Spec:
         return self.storage / self.name
 
     @property
-    def metrics(self) -> list[str]:
-        m = self.search.get("metric", "val_acc")
-        return m if isinstance(m, list) else [m]
+    def config(self) -> Config:
+        return Config.from_dict(self.base)
 
     @property
-    def modes(self) -> list[str]:
-        m = self.search.get("mode", "max")
-        return m if isinstance(m, list) else [m]
+    def epochs(self) -> int:
+        return self.config.train.epochs
 
-    @property
-    def searched(self) -> list[str]:
-        return list(self.space.params) if self.mode == "search" else list(self.ablation["factors"])
+    def trial_config(self, config: dict) -> Config:
+        """The config one trial trains: the base with its overrides (Ray's `config`)."""
+        return Config.from_dict(apply_overrides(self.base, self.design.overrides(config)))
 
-    def trial_count(self) -> int:
-        if self.mode == "search":
-            return self.search["num_samples"]
-        return len(self.space) * len(self.ablation["seeds"])
+    def describe(self, uri: str, address: str | None) -> str:
+        r, s = self.resources, self.scheduler
+        gpu = ("auto (a share of a GPU where the cluster has GPUs, else none)"
+               if r["gpu"] == "auto" else r["gpu"])
+        return "\n".join([
+            f"study     {self.name} ({self.design.mode}), {self.design.trial_count()} trials of "
+            f"up to {self.epochs} epochs",
+            self.design.plan_line(),
+            "scheduler " + ("none (every trial runs its full budget)" if s["type"] == "none" else
+                            f"ASHA, grace period {s['grace_period']} epochs, reduction factor "
+                            f"{s['reduction_factor']}"),
+            f"resources {r['cpu']} CPU, {gpu} GPU per trial; at most {r['max_concurrent']} at "
+            f"once; retries {self.max_failures}; Ray at {address or 'a new local cluster'}",
+            f"results   {self.path}",
+            f"mlflow    {uri} (experiment '{self.experiment}')",
+        ])
 
 
-def load_spec(path: str | Path, overrides: list[str] = ()) -> Spec:
+def load_plan(path: str | Path, overrides: list[str] = ()) -> Plan:
     try:
         raw = read_yaml(path)
         for item in overrides:
@@ -78,103 +97,99 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> Spec:
             set_dotted(raw, key, value)
     except ConfigError as e:
         raise SpecError(str(e)) from None
-    return parse_spec(raw)
+    return parse_plan(raw)
 
 
-def parse_spec(raw: dict) -> Spec:
+def parse_plan(raw: dict) -> Plan:
     raw = copy.deepcopy(raw)
     _known(raw, TOP_KEYS, "")
     name = raw.get("name")
-    if not isinstance(name, str) or not name or "/" in name:
-        raise SpecError("name must be a non-empty string without '/' (the study's name)")
+    if not isinstance(name, str) or not name.strip() or "/" in name or "\\" in name \
+            or name in (".", "..") or "\0" in name:
+        raise SpecError(f"name must be a non-empty string without '/' (the study's folder and "
+                        f"experiment), got {short(name)}")
     mode = raw.get("mode", "search")
     if mode not in ("search", "ablation"):
-        raise SpecError(f"mode={mode!r} is not one of search, ablation")
+        raise SpecError(f"mode={short(mode)} is not one of search, ablation")
+    other = "ablation" if mode == "search" else "search"
+    if raw.get(other):  # a section the mode ignores is a study that does not run as written
+        raise SpecError(f"{other} is given but mode is {mode}: set mode: {other} or remove it")
+
+    source = copy.deepcopy(raw)
     base = {}
-    if raw.get("base"):
+    if raw.get("base") is not None:
+        if not isinstance(raw["base"], str):
+            raise SpecError(f"base must be the path of a YAML config, got {short(raw['base'])}")
         try:  # typically another study's best_config.yaml: ablate around what a search found
             base = read_yaml(Path(raw["base"]).expanduser())
         except ConfigError as e:
             raise SpecError(f"base: {e}") from None
+        source["base"] = copy.deepcopy(base)
     for section in ("model", "data", "train"):
         sub = raw.get(section) or {}
         if not isinstance(sub, dict):
             raise SpecError(f"{section} must be a mapping of {section}.* keys")
-        base.setdefault(section, {}).update(sub)
-    base = _absolute_paths(base)
+        if not isinstance(base.get(section) or {}, dict):
+            raise SpecError(f"base: {section} must be a mapping of {section}.* keys")
+        base[section] = {**(base.get(section) or {}), **sub}
+    _absolute_paths(base)
     try:
-        Config.from_dict(base)
+        config = Config.from_dict(base)
     except ConfigError as e:
         raise SpecError(str(e)) from None
+    if config.data.val_size == 0:
+        raise SpecError("data.val_size must be > 0 in a study: trials are selected on "
+                        "validation accuracy, never on test")
 
-    spec = Spec(name=name, mode=mode, base=base,
-                storage=Path(raw.get("storage") or "runs").expanduser().resolve(),
-                max_failures=_int(raw.get("max_failures", 2), "max_failures", lo=0))
-    spec.search = _section(raw, "search", SEARCH_KEYS)
-    spec.ablation = _section(raw, "ablation", ABLATION_KEYS)
-    spec.scheduler = _scheduler(_section(raw, "scheduler", SCHEDULER_KEYS))
-    spec.resources = _resources(_section(raw, "resources", RESOURCE_KEYS))
+    storage = raw.get("storage", "runs")
+    if not isinstance(storage, str) or not storage:
+        raise SpecError(f"storage must be a folder path, got {short(storage)}")
     ml = _section(raw, "mlflow", MLFLOW_KEYS)
-    spec.tracking_uri = ml.get("tracking_uri")
-    spec.experiment = ml.get("experiment") or name
+    for key in ("tracking_uri", "experiment"):
+        if ml.get(key) is not None and (not isinstance(ml[key], str) or not ml[key]):
+            raise SpecError(f"mlflow.{key} must be a non-empty string, got {short(ml[key])}")
+    resources = _resources(_section(raw, "resources", RESOURCE_KEYS))
+    # one intra-op thread per CPU the trial holds: more would fight the neighbouring trials
+    # (a best_config.yaml base says `threads: null`, which would mean every core of the node)
+    if config.train.threads is None:
+        base["train"]["threads"] = max(1, int(resources["cpu"]))
+    if config.train.device == "cuda" and resources["gpu"] == 0:
+        raise SpecError("train.device=cuda needs resources.gpu > 0 (or auto): Ray hides the "
+                        "GPUs from a trial that asks for none")
 
     try:
         if mode == "search":
-            _search(spec)
+            design = parse_search(_section(raw, "search", SEARCH_KEYS), config.flat())
         else:
-            _ablation(spec)
-        sample_configs(spec)  # every sampled / grid configuration must be a valid trainer config
+            design = parse_ablation(_section(raw, "ablation", ABLATION_KEYS), base)
+        for key in FIXED_KEYS:
+            if key in design.searched:
+                raise SpecError(f"{key} cannot be searched or ablated: every trial of a study is "
+                                "compared on one data set and one validation split")
+        validate_trials(design, base)  # every sampled / grid config must be a valid config
     except SpaceError as e:
         raise SpecError(str(e)) from None
-    if spec.scheduler["type"] == "asha" and len(spec.metrics) > 1:
-        raise SpecError("scheduler.type=asha needs a single search.metric; multi-objective "
-                        "searches run with scheduler.type=none")
-    return spec
 
-
-def _search(spec: Spec) -> None:
-    s = spec.search
-    if not s.get("space"):
-        raise SpecError("search.space must map at least one config key to a distribution "
-                        "(mode: search)")
-    s["num_samples"] = _int(s.get("num_samples", 8), "search.num_samples", lo=1)
-    s["seed"] = _int(s.get("seed", 0), "search.seed", lo=0)
-    metrics = s.get("metric", "val_acc")
-    modes = s.get("mode", "max")
-    metrics, modes = (metrics if isinstance(metrics, list) else [metrics],
-                      modes if isinstance(modes, list) else [modes])
-    if len(metrics) != len(modes):
-        raise SpecError(f"search.metric and search.mode must have the same length, "
-                        f"got {len(metrics)} and {len(modes)}")
-    for m in metrics:
-        if m not in METRICS:
-            raise SpecError(f"search.metric {m!r} is not one of {', '.join(METRICS)}")
-    for m in modes:
-        if m not in ("max", "min"):
-            raise SpecError(f"search.mode {m!r} is not one of max, min")
-    spec.space = parse_space(s["space"], s.get("constraints") or [],
-                             Config.from_dict(spec.base).flat())
-
-
-def _ablation(spec: Spec) -> None:
-    a = spec.ablation
-    if not a.get("factors"):
-        raise SpecError("ablation.factors must map at least one config key to a list of values "
-                        "(mode: ablation)")
-    seeds = a.get("seeds", [0])
-    if isinstance(seeds, int):
-        seeds = list(range(seeds))
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) for x in seeds):
-        raise SpecError(f"ablation.seeds must be a non-empty list of ints or a count, got {seeds!r}")
-    a["seeds"] = seeds
-    a["design"] = a.get("design", "one-at-a-time")
-    spec.space = parse_ablation(a["factors"], a["design"], a.get("baseline") or {}, spec.base)
+    scheduler = _scheduler(_section(raw, "scheduler", SCHEDULER_KEYS))
+    if scheduler["type"] == "asha":
+        if len(design.metrics) > 1:
+            raise SpecError("scheduler.type=asha needs a single search.metric; multi-objective "
+                            "searches run with scheduler.type=none")
+        if scheduler["grace_period"] > config.train.epochs:
+            raise SpecError(f"scheduler.grace_period={scheduler['grace_period']} is above "
+                            f"train.epochs={config.train.epochs}: ASHA would never stop a trial")
+    return Plan(name=name, design=design, base=base,
+                storage=Path(storage).expanduser().resolve(), scheduler=scheduler,
+                resources=resources, tracking_uri=ml.get("tracking_uri"),
+                experiment=ml.get("experiment") or name,
+                max_failures=_int(raw.get("max_failures", 2), "max_failures", lo=0),
+                source=source)
 
 
 def _scheduler(s: dict) -> dict:
     kind = s.get("type", "none")
     if kind not in ("asha", "none"):
-        raise SpecError(f"scheduler.type={kind!r} is not one of asha, none")
+        raise SpecError(f"scheduler.type={short(kind)} is not one of asha, none")
     return {"type": kind, "grace_period": _int(s.get("grace_period", 1), "scheduler.grace_period", 1),
             "reduction_factor": _int(s.get("reduction_factor", 2), "scheduler.reduction_factor", 2)}
 
@@ -182,21 +197,25 @@ def _scheduler(s: dict) -> dict:
 def _resources(r: dict) -> dict:
     cpu, gpu = r.get("cpu", 1), r.get("gpu", 0)
     for key, v in (("cpu", cpu), ("gpu", gpu)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-            raise SpecError(f"resources.{key} must be a number >= 0, got {v!r}")
+        if key == "gpu" and v == "auto":
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
+            raise SpecError(f"resources.{key} must be a number >= 0"
+                            f"{' or auto' if key == 'gpu' else ''}, got {short(v)}")
+    if gpu != "auto" and 1 < gpu != int(gpu):
+        raise SpecError(f"resources.gpu={gpu}: above 1 a trial takes whole GPUs")
     if cpu == 0 and gpu == 0:
         raise SpecError("resources.cpu and resources.gpu cannot both be 0")
     return {"cpu": cpu, "gpu": gpu,
             "max_concurrent": _int(r.get("max_concurrent", 2), "resources.max_concurrent", 1)}
 
 
-def _absolute_paths(base: dict) -> dict:
+def _absolute_paths(base: dict) -> None:
     """Trial processes run in their own folders: resolve relative paths here, once."""
     data = base.get("data", {})
     for key in ("root", "cache_dir"):
         if isinstance(data.get(key), str):
             data[key] = str(Path(data[key]).expanduser().resolve())
-    return base
 
 
 def _section(raw: dict, name: str, allowed: set) -> dict:
@@ -210,20 +229,62 @@ def _section(raw: dict, name: str, allowed: set) -> dict:
 def _known(d: dict, allowed: set, prefix: str) -> None:
     for key in d:
         if key not in allowed:
-            raise SpecError(f"unknown key '{prefix}{key}' (allowed: {', '.join(sorted(allowed))})")
+            raise SpecError(f"unknown key '{prefix}{short(key)}' (allowed: "
+                            f"{', '.join(sorted(allowed))})")
 
 
 def _int(v, key: str, lo: int) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise SpecError(f"{key} must be an integer >= {lo}, got {v!r}")
+        raise SpecError(f"{key} must be an integer >= {lo}, got {short(v)}")
     return v
 
 
-def resolve_tracking_uri(cli_uri: str | None, spec: Spec) -> str:
+def study_id(plan: Plan, resume: bool) -> str:
+    """The study instance's id. A new study must not overwrite one with results; a resumed one
+    must be the study that was started, not an edited file (the changed keys are named)."""
+    state, record = plan.path / "tuner.pkl", plan.path / RECORD
+    if not resume:
+        if state.exists():
+            raise SpecError(f"study '{plan.name}' already has results at {plan.path}; continue "
+                            "it with --resume, or choose another name (--set name=...) or storage")
+        return uuid.uuid4().hex
+    if not state.exists() or not record.exists():
+        raise SpecError(f"--resume: no study to resume at {plan.path} (storage/name of the file)")
+    try:
+        saved = yaml.safe_load(record.read_text())
+        started, identity = saved["experiment"], saved["study_id"]
+    except (OSError, yaml.YAMLError, TypeError, KeyError):
+        raise SpecError(f"--resume: {record} is unreadable; the study cannot be resumed") from None
+    changed = sorted(k for k in set(_flat(started)) | set(_flat(plan.source))
+                     if _flat(started).get(k, "<unset>") != _flat(plan.source).get(k, "<unset>"))
+    if changed:
+        raise SpecError(f"--resume: the experiment differs from the one study '{plan.name}' "
+                        f"started with, in {', '.join(changed)}; resume it unchanged or start a "
+                        "new study")
+    return identity
+
+
+def record_start(plan: Plan, identity: str) -> None:
+    """Written once the study is known to start: its id and the experiment it started with."""
+    plan.path.mkdir(parents=True, exist_ok=True)
+    (plan.path / RECORD).write_text(yaml.safe_dump(
+        {"study_id": identity, "experiment": plan.source}, sort_keys=False))
+
+
+def _flat(d, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def resolve_tracking_uri(cli_uri: str | None, plan: Plan) -> str:
     """--tracking-uri, else MLFLOW_TRACKING_URI, else the file's mlflow.tracking_uri, else an
     embedded SQLite store inside the study's folder."""
-    return (cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or spec.tracking_uri
-            or f"sqlite:///{spec.path / 'mlflow.db'}")
+    return (cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or plan.tracking_uri
+            or f"sqlite:///{plan.path / 'mlflow.db'}")
 
 
 def check_tracking_uri(uri: str) -> None:
@@ -232,7 +293,7 @@ def check_tracking_uri(uri: str) -> None:
         try:
             with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as r:
                 r.read()
-        except OSError as e:
+        except (OSError, ValueError) as e:
             raise SpecError(f"mlflow.tracking_uri {uri} is unreachable ({e}); start it with "
                             "`mlflow server` or use a sqlite:/// URI") from None
     elif uri.startswith("sqlite:///"):

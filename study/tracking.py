@@ -2,8 +2,9 @@
 
 Logging from the driver (a Tune callback) rather than from trial processes means one writer per
 store, so an embedded SQLite file never locks, and workers on other nodes need no route to the
-tracking server. Runs are found again by their `trial_id` tag, because `Tuner.restore` does not
-remember them: a resumed study continues the same runs instead of duplicating them.
+tracking server. Runs are found again by their study and trial ids, because `Tuner.restore` does
+not remember them: a resumed study continues the same runs instead of duplicating them, and never
+touches the runs of another study that shares its name.
 """
 from __future__ import annotations
 
@@ -15,18 +16,16 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from .spec import Spec
-from .trainable import CHECKPOINT_FILE, trial_config, trial_status
+import contract as c
 
-EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds",
-                 "images_per_sec", "test_loss", "test_acc")
+from .spec import Plan
 
 
-def experiment_of(uri: str, spec: Spec) -> tuple[str, str | None]:
+def experiment_of(uri: str, plan: Plan) -> tuple[str, str | None]:
     """The study's experiment name and artifact location. A server stores artifacts itself; an
     embedded store keeps them beside the study, not in ./mlruns of whatever folder the driver
     ran in."""
-    return spec.experiment, None if uri.startswith("http") else (spec.path / "mlartifacts").as_uri()
+    return plan.experiment, None if uri.startswith("http") else (plan.path / "mlartifacts").as_uri()
 
 
 def prepare_experiment(uri: str, name: str, location: str | None) -> str:
@@ -45,13 +44,13 @@ def git_commit() -> str:
 
 
 class MlflowTrials(tune.Callback):
-    def __init__(self, uri: str, spec: Spec, cells: dict, experiment: Future | None = None):
-        self.uri, self.cells, self.base = uri, cells, spec.base
-        self.experiment = experiment_of(uri, spec)
+    def __init__(self, uri: str, plan: Plan, identity: str, experiment: Future | None = None):
+        self.uri, self.plan = uri, plan
+        self.experiment = experiment_of(uri, plan)
         self._pending, self._experiment_id = experiment, None
-        # `results` names this study's folder: one study instance, even if a name is reused
-        self.tags = {"study": spec.name, "mode": spec.mode, "searched": ",".join(spec.searched),
-                     "results": str(spec.path), "git_commit": git_commit()}
+        self.tags = {c.STUDY: plan.name, c.STUDY_ID: identity, c.MODE: plan.design.mode,
+                     c.SEARCHED: ",".join(plan.design.searched), c.RESULTS: str(plan.path),
+                     c.GIT_COMMIT: git_commit()}
         self.client, self.runs = None, {}
 
     def __getstate__(self):  # Tuner pickles its callbacks: a restored one looks its ids up again
@@ -61,7 +60,7 @@ class MlflowTrials(tune.Callback):
     @property
     def experiment_id(self) -> str:
         """The first trial waits here, if at all, for the set-up that the driver started in a
-        thread alongside Ray's and Tune's start-up; a restored study finds it by name."""
+        thread alongside Tune's start-up; a restored study finds it by name."""
         if self._experiment_id is None:
             self._experiment_id = (self._pending.result() if self._pending is not None
                                    else prepare_experiment(self.uri, *self.experiment))
@@ -70,23 +69,34 @@ class MlflowTrials(tune.Callback):
     def setup(self, **info):
         self.client = MlflowClient(self.uri)
 
+    def _own_runs(self, extra: str = "") -> list:
+        # ids are hex: safe inside the filter whatever the study's name or folder holds
+        query = f"tags.{c.STUDY_ID} = '{self.tags[c.STUDY_ID]}'" + extra
+        return self.client.search_runs([self.experiment_id], query, max_results=50000)
+
     def run_id(self, trial) -> str:
         if trial.trial_id in self.runs:
             return self.runs[trial.trial_id]
-        found = self.client.search_runs([self.experiment_id],
-                                        f"tags.trial_id = '{trial.trial_id}'", max_results=1)
+        found = self._own_runs(f" and tags.{c.TRIAL_ID} = '{trial.trial_id}'")
         if found:  # a resumed study or a retried trial: continue its run
             run_id = found[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
         else:
-            cfg = trial_config(self.base, trial.config, self.cells)
-            tags = {**self.tags, "trial_id": trial.trial_id, "seed": str(cfg.train.seed),
-                    "max_epochs": str(cfg.train.epochs), "budget": "0", "status": "running"}
-            if "cell" in trial.config:
-                tags["cell"] = trial.config["cell"]
+            cfg = self.plan.trial_config(trial.config)
+            overrides = self.plan.design.overrides(trial.config)
+            sampled = [k for k in self.plan.design.searched if k in overrides]
+            tags = {**self.tags, c.TRIAL_ID: trial.trial_id, c.SEED: str(cfg.train.seed),
+                    c.MAX_EPOCHS: str(cfg.train.epochs), c.BUDGET: "0", c.STATUS: c.RUNNING,
+                    c.SAMPLED: ",".join(sampled)}
+            cell = self.plan.design.cell(trial.config)
+            if cell is not None:
+                tags[c.CELL] = cell
             run_id = self.client.create_run(self.experiment_id, run_name=trial.trial_id,
                                             tags=tags).info.run_id
-            self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in cfg.flat().items()])
+            # a conditional key this trial did not sample is no factor level of it: not logged
+            unsampled = set(self.plan.design.searched) - set(sampled)
+            self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in cfg.flat().items()
+                                                  if k not in unsampled])
         self.runs[trial.trial_id] = run_id
         return run_id
 
@@ -97,39 +107,39 @@ class MlflowTrials(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         step, now = int(result["epoch"]), int(result.get("timestamp", 0)) * 1000
-        metrics = [Metric(k, float(result[k]), now, step) for k in EPOCH_METRICS if k in result]
+        metrics = [Metric(k, float(result[k]), now, step)
+                   for k in (*c.EPOCH_METRICS, *c.FINAL_METRICS) if k in result]
         if step == 1:
-            metrics.append(Metric("params", float(result["params"]), now, 0))
-        tags = [RunTag("budget", str(step)), RunTag("node", str(result.get("node_id", "")))]
+            metrics.append(Metric(c.PARAM_COUNT, float(result[c.PARAM_COUNT]), now, 0))
+        tags = [RunTag(c.BUDGET, str(step)), RunTag(c.NODE, str(result.get("node_id", "")))]
         self.client.log_batch(self.run_id(trial), metrics=metrics, tags=tags)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self.run_id(trial)
         budget = int((trial.last_result or {}).get("epoch", 0))
-        max_epochs = trial_config(self.base, trial.config, self.cells).train.epochs
-        status = trial_status(budget, max_epochs)
-        self.client.set_tag(run_id, "status", status)
-        self.client.set_tag(run_id, "budget", str(budget))
-        if status == "completed" and trial.checkpoint:  # the reports draw its attention maps
+        status = c.trial_status(budget, self.plan.trial_config(trial.config).train.epochs)
+        self.client.set_tag(run_id, c.STATUS, status)
+        self.client.set_tag(run_id, c.BUDGET, str(budget))
+        if status == c.COMPLETED and trial.checkpoint:  # the reports draw its attention maps
             with trial.checkpoint.as_directory() as folder:
-                self.client.log_artifact(run_id, str(Path(folder) / CHECKPOINT_FILE), "checkpoint")
+                self.client.log_artifact(run_id, str(Path(folder) / c.CHECKPOINT_FILE),
+                                         c.CHECKPOINT_DIR)
         self.client.set_terminated(run_id, "FINISHED")
 
     def on_experiment_end(self, trials, **info):
         """A driver killed between creating a trial's run and saving the trial in Ray's state
         leaves a run for a trial that --resume never knew: delete it (MLflow keeps deleted
-        runs restorable), so that the study ends with exactly one run per trial."""
+        runs restorable), so that the study ends with exactly one run per trial. Only this
+        study instance's runs are looked at."""
         known = {t.trial_id for t in trials}
-        runs = self.client.search_runs(
-            [self.experiment_id], f"tags.results = '{self.tags['results']}'", max_results=50000)
-        for run in runs:
-            if run.data.tags.get("trial_id") not in known:
+        for run in self._own_runs():
+            if run.data.tags.get(c.TRIAL_ID) not in known:
                 self.client.delete_run(run.info.run_id)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self.run_id(trial)
-        self.client.set_tag(run_id, "status", "errored")
-        self.client.set_tag(run_id, "error", _error_line(trial))
+        self.client.set_tag(run_id, c.STATUS, c.ERRORED)
+        self.client.set_tag(run_id, c.ERROR, _error_line(trial))
         self.client.set_terminated(run_id, "FAILED")
 
 

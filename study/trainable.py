@@ -11,33 +11,14 @@ from pathlib import Path
 import ray
 from ray import tune
 
-from tinyvit.config import KEYS, Config
+from contract import CHECKPOINT_FILE
 from tinyvit.train import fit, load_checkpoint, save_checkpoint
 
-from .space import apply
-
-CHECKPOINT_FILE = "model.pt"
+from .spec import Plan
 
 
-def trial_overrides(config: dict, cells: dict) -> dict:
-    """The dotted config keys a trial changes: its ablation cell, its seed, its searched values.
-    (Optuna's renamed constrained parameters such as 'model.heads[2,4]' are not config keys.)"""
-    overrides = dict(cells[config["cell"]]) if "cell" in config else {}
-    overrides.update({k: v for k, v in config.items() if k in KEYS})
-    return overrides
-
-
-def trial_config(base: dict, config: dict, cells: dict) -> Config:
-    return Config.from_dict(apply(base, trial_overrides(config, cells)))
-
-
-def trial_status(budget: int, max_epochs: int) -> str:
-    """A finished trial that ran fewer epochs than its budget was stopped early (ASHA)."""
-    return "completed" if budget >= max_epochs else "early-stopped"
-
-
-def run_trial(config: dict, base: dict, cells: dict, arrays) -> None:
-    cfg = trial_config(base, config, cells)
+def run_trial(config: dict, plan: Plan, arrays) -> None:
+    cfg = plan.trial_config(config)
     resume = None
     checkpoint = tune.get_checkpoint()
     if checkpoint:

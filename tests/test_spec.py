@@ -7,7 +7,7 @@ import optuna
 import pytest
 import yaml
 
-from study.spec import SpecError, parse_spec
+from study.spec import SpecError, parse_plan
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,7 @@ def run_cli(*args, cwd=REPO):
 
 def test_shipped_experiment_files_are_valid():
     for path in sorted((REPO / "experiments").glob("*.yaml")):
-        parse_spec(yaml.safe_load(path.read_text()))
+        parse_plan(yaml.safe_load(path.read_text()))
 
 
 def test_constraints_filter_choices_and_conditions_gate_parameters(tmp_path):
@@ -41,11 +41,11 @@ def test_constraints_filter_choices_and_conditions_gate_parameters(tmp_path):
     d["search"]["constraints"] = [
         "model.embed_dim % model.heads == 0",
         "model.pos_embedding != 'rope2d' or (model.embed_dim // model.heads) % 4 == 0"]
-    spec = parse_spec(d)
+    spec = parse_plan(d)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
     seen_heads, seen_rope = set(), 0
     for _ in range(60):
-        v = spec.space.suggest(study.ask())
+        v = spec.design.suggest(study.ask())
         seen_heads.add(v["model.heads"])
         assert 48 % v["model.heads"] == 0  # 3 and 6 divide 48 too; 8 does, 5 is not offered
         if v["model.pos_embedding"] == "rope2d":
@@ -60,15 +60,15 @@ def test_ablation_grids(tmp_path):
     d = spec_dict(tmp_path, mode="ablation", search=None)
     d["ablation"] = {"factors": {"model.pos_embedding": ["learned", "rope2d", "none"],
                                  "model.depth": [1, 2]}, "seeds": 3}
-    spec = parse_spec(d)
-    names = [c.name for c in spec.space]
+    spec = parse_plan(d)
+    names = [c.name for c in spec.design.cells]
     # base depth is 2, so depth's baseline is 2 (the base's level), pos_embedding's is 'learned'
     assert names == ["baseline", "model.pos_embedding=rope2d", "model.pos_embedding=none",
                      "model.depth=1"]
-    assert spec.trial_count() == 4 * 3
+    assert spec.design.trial_count() == 4 * 3
     d["ablation"]["design"] = "crossed"
-    crossed = parse_spec(d)
-    assert len(crossed.space) == 6 and "baseline" in [c.name for c in crossed.space]
+    crossed = parse_plan(d)
+    assert len(crossed.design.cells) == 6 and "baseline" in [c.name for c in crossed.design.cells]
 
 
 @pytest.mark.parametrize("change, key", [
@@ -87,7 +87,7 @@ def test_bad_files_are_refused_naming_the_key(tmp_path, change, key):
     d = spec_dict(tmp_path)
     d.update(change)
     with pytest.raises(SpecError, match=key.replace(".", r"\.")):
-        parse_spec(d)
+        parse_plan(d)
 
 
 def _write(tmp_path, d) -> Path:
@@ -129,10 +129,10 @@ def test_multi_objective_search_needs_no_single_metric_scheduler(tmp_path):
     d = spec_dict(tmp_path)
     d["search"].update(metric=["val_acc", "params"], mode=["max", "min"])
     with pytest.raises(SpecError, match="scheduler.type=asha"):
-        parse_spec(d)
+        parse_plan(d)
     d["scheduler"] = {"type": "none"}
-    spec = parse_spec(d)
-    assert spec.metrics == ["val_acc", "params"] and spec.modes == ["max", "min"]
+    spec = parse_plan(d)
+    assert spec.design.metrics == ["val_acc", "params"] and spec.design.modes == ["max", "min"]
 
 
 def test_base_names_another_studys_best_config(tmp_path):
@@ -141,9 +141,9 @@ def test_base_names_another_studys_best_config(tmp_path):
                                     "train": {"lr": 0.003}}))
     d = spec_dict(tmp_path, mode="ablation", search=None, base=str(best))
     d["ablation"] = {"factors": {"model.pos_embedding": ["learned", "none"]}, "seeds": 2}
-    spec = parse_spec(d)
+    spec = parse_plan(d)
     assert spec.base["model"]["patch_size"] == 8 and spec.base["train"]["lr"] == 0.003
     assert spec.base["model"]["depth"] == 2  # the file's own sections win over the base
     d["base"] = str(tmp_path / "missing.yaml")
     with pytest.raises(SpecError, match="missing.yaml"):
-        parse_spec(d)
+        parse_plan(d)

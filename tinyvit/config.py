@@ -8,6 +8,8 @@ study runner: a `ConfigError` whose message names the key and what was expected.
 from __future__ import annotations
 
 import dataclasses
+import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -163,6 +165,34 @@ class Config:
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 KEYS = {f"{s}.{f.name}" for s, c in SECTIONS.items() for f in dataclasses.fields(c)}
+MAX_YAML_VALUES = 100_000  # far above any real file; a few aliases can expand past billions
+
+
+def key_type(key: str) -> type:
+    """The type a config key holds (int for `int | None`)."""
+    if key not in KEYS:
+        raise ConfigError(f"'{key}' is not a config key (e.g. model.depth, train.lr)")
+    section, name = key.split(".", 1)
+    hint = typing.get_type_hints(SECTIONS[section])[name]
+    return next(a for a in typing.get_args(hint) if a is not type(None)) \
+        if isinstance(hint, types.UnionType) else hint
+
+
+def coerce(key: str, value):
+    """`value` as the type of config key `key` (what the Config would hold), or ConfigError:
+    search-space choices and ablation levels go through the same door as config values."""
+    key_type(key)
+    section, name = key.split(".", 1)
+    return _coerce(value, typing.get_type_hints(SECTIONS[section])[name], key)
+
+
+def apply_overrides(base: dict, overrides: dict) -> dict:
+    """A nested config (`base`, sections of keys) with dotted overrides applied: one trial's."""
+    cfg = {s: dict(base.get(s) or {}) for s in SECTIONS}
+    for key, value in overrides.items():
+        section, name = key.split(".", 1)
+        cfg[section][name] = value
+    return cfg
 
 
 def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -182,9 +212,28 @@ def read_yaml(path: str | Path) -> dict:
         d = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} cannot be read: {e}") from None
     if not isinstance(d, dict):
         raise ConfigError(f"{path} must hold a mapping, got {type(d).__name__}")
+    _bounded(d, path)
     return d
+
+
+def _bounded(d: dict, path: Path) -> None:
+    """YAML aliases share one object, so a short file can name billions of values (or itself):
+    count values as every later walk would see them, and stop at MAX_YAML_VALUES."""
+    stack, seen = [d], 0
+    while stack:
+        value = stack.pop()
+        seen += 1
+        if seen > MAX_YAML_VALUES:
+            raise ConfigError(f"{path} expands to more than {MAX_YAML_VALUES:,} values "
+                              "(YAML aliases nested in aliases?); write the values out")
+        if isinstance(value, dict):
+            stack += [*value.keys(), *value.values()]
+        elif isinstance(value, list):
+            stack += value
 
 
 def parse_override(item: str) -> tuple[str, object]:
@@ -196,11 +245,20 @@ def parse_override(item: str) -> tuple[str, object]:
 
 
 def set_dotted(d: dict, key: str, value) -> None:
-    *parents, leaf = key.split(".")
+    """Set `key` in nested `d`: at the top, `model.depth` is section model, key depth; below it
+    a config key is one name, as in `search.space.model.depth.choice` of an experiment file."""
+    parts = key.split(".")
+    path = []
+    while parts:
+        joined = ".".join(parts[:2])
+        take = 2 if path and joined in KEYS else 1
+        path.append(".".join(parts[:take]))
+        parts = parts[take:]
+    *parents, leaf = path
     for p in parents:
         d = d.setdefault(p, {})
         if not isinstance(d, dict):
-            raise ConfigError(f"cannot set '{key}': '{p}' is not a section")
+            raise ConfigError(f"cannot set '{key}': '{p}' is not a mapping")
     d[leaf] = value
 
 
@@ -229,15 +287,31 @@ def _coerce(value, hint, key: str):
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):  # YAML 1.1 reads '3e-4' (no dot) as a string
+        number = float(value)
+    elif hint is float and isinstance(value, str):  # YAML 1.1 reads '3e-4' (no dot) as a string
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
-            pass
+            number = None
+    else:
+        number = None
+    if number is not None:
+        if not math.isfinite(number):  # NaN passes every `<= 0` check: refuse it at the door
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
+        return number
     if hint is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
-    raise ConfigError(f"{key} must be {hint.__name__}, got {value!r}")
+    raise ConfigError(f"{key} must be {hint.__name__}, got {short(value)}")
+
+
+def short(value) -> str:
+    """repr for an error line: a pasted list of thousands of values stays one short line."""
+    return _SHORT.repr(value)
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlist = _SHORT.maxdict = 8
+_SHORT.maxstring = _SHORT.maxother = 60
 
 
 def _positive(cfg, *names):

@@ -1,0 +1,48 @@
+"""The MLflow run contract between the study runner (`study/`) and the reports (`reports/`).
+
+What one trial's run carries and what it means, in one place, so that the writer and the reader
+cannot drift apart: tag names, status values, the full-budget rule, where the checkpoint is.
+"""
+from __future__ import annotations
+
+# tags of every trial's run
+STUDY = "study"  # the study's name
+STUDY_ID = "study_id"  # one study instance: a rerun under the same name is another instance
+MODE = "mode"  # search | ablation
+TRIAL_ID = "trial_id"  # Ray's trial id: how a resumed study finds the run again
+SEED = "seed"
+CELL = "cell"  # ablation only: 'baseline' or 'model.depth=2'
+SEARCHED = "searched"  # the study's searched or ablated keys, comma-separated
+SAMPLED = "sampled"  # the searched keys this trial sampled (a conditional key may be absent)
+BUDGET = "budget"  # epochs run
+MAX_EPOCHS = "max_epochs"  # epochs the trial was configured for
+STATUS = "status"
+NODE = "node"
+RESULTS = "results"  # the study's folder (Ray results, table, best config)
+GIT_COMMIT = "git_commit"
+ERROR = "error"  # errored trials: the last line of the traceback
+
+# values of STATUS
+COMPLETED, EARLY_STOPPED, ERRORED, RUNNING = "completed", "early-stopped", "errored", "running"
+STATUSES = (COMPLETED, EARLY_STOPPED, ERRORED, RUNNING)
+
+BASELINE = "baseline"  # the ablation cell every other cell is compared with
+OBJECTIVE = "val_acc"  # what selects: never test_acc
+PARAM_COUNT = "params"  # a metric: the model's parameter count, logged at step 0
+EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds",
+                 "images_per_sec")
+FINAL_METRICS = ("test_loss", "test_acc")  # logged once, after the last epoch
+CHECKPOINT_FILE = "model.pt"
+CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT = f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}"  # artifact path of a completed trial's model
+
+
+def trial_status(budget: int, max_epochs: int) -> str:
+    """A finished trial that ran fewer epochs than its budget was stopped early (ASHA)."""
+    return COMPLETED if budget >= max_epochs else EARLY_STOPPED
+
+
+def full_budget(table):
+    """The rows (trials) whose accuracy is final: completed, every epoch run. Early-stopped
+    accuracies are truncated and must never be ranked or averaged with these."""
+    return table[(table[STATUS] == COMPLETED) & (table[BUDGET] == table[MAX_EPOCHS])]
