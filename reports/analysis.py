@@ -16,15 +16,15 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
-METRIC = "val_acc"
+import contract as c
+from contract import BASELINE, CHECKPOINT, STATUSES, full_budget
+
+METRIC = c.OBJECTIVE
 CONFIDENCE = 0.95
-REQUIRED_TAGS = ("status", "budget", "max_epochs")
-STATUSES = ("completed", "early-stopped", "errored", "running")
-NUMERIC_TAGS = ("budget", "max_epochs", "seed")
+REQUIRED_TAGS = (c.STATUS, c.BUDGET, c.MAX_EPOCHS)
+NUMERIC_TAGS = (c.BUDGET, c.MAX_EPOCHS, c.SEED)
 MIN_IMPORTANCE_TRIALS = 8  # below this a random forest over the configs fits noise
 MAX_LEVELS = 6  # a numeric factor with more distinct values is binned into quartiles
-BASELINE = "baseline"
-CHECKPOINT = "checkpoint/model.pt"  # where the study runner logs a trial's checkpoint
 
 # the in-memory optuna studies below are scaffolding for the importance evaluator; their
 # creation logs would only clutter the report
@@ -44,8 +44,9 @@ def load_runs(tracking_uri: str, experiment: str) -> pd.DataFrame:
     """One row per trial: tags, params (dotted keys, numbers where they look like numbers),
     latest metric values, and the per-epoch cost summed (compute_seconds) or typical
     (images_per_sec) over the whole metric history."""
-    runs = _search_runs(tracking_uri, experiment)
+    runs = _latest_instance(_search_runs(tracking_uri, experiment))
     df = pd.DataFrame([_row(run) for run in runs])
+    df.attrs["earlier_runs_left_out"] = runs.left_out
     param_keys = sorted({key for run in runs for key in run.data.params})
     for col in [*param_keys, *NUMERIC_TAGS]:
         if col in df:
@@ -108,6 +109,23 @@ def _search_runs(tracking_uri: str, experiment: str) -> list:
     return runs
 
 
+class _Runs(list):
+    left_out = 0
+
+
+def _latest_instance(runs: list) -> _Runs:
+    """A study rerun under the same name (or under another storage, into a shared server) is
+    another instance: report the latest one alone, never a mix of both."""
+    started = {}
+    for run in runs:
+        key = run.data.tags.get(c.STUDY_ID)
+        started[key] = min(started.get(key, run.info.start_time), run.info.start_time)
+    latest = max(started, key=lambda k: started[k])
+    kept = _Runs(r for r in runs if r.data.tags.get(c.STUDY_ID) == latest)
+    kept.left_out = len(runs) - len(kept)
+    return kept
+
+
 def _row(run) -> dict:
     tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}
     # the metric `params` is the parameter count: renamed so it cannot be read as a config
@@ -122,13 +140,8 @@ def _numeric_if_possible(col: pd.Series) -> pd.Series:
     return converted if converted.notna().sum() == col.notna().sum() else col
 
 
-def full_budget(runs: pd.DataFrame) -> pd.DataFrame:
-    """Trials that completed every epoch: the only ones whose accuracy is a final accuracy."""
-    return runs[(runs.status == "completed") & (runs.budget == runs.max_epochs)]
-
-
 def early_stopped(runs: pd.DataFrame) -> pd.DataFrame:
-    return runs[runs.status == "early-stopped"]
+    return runs[runs.status == c.EARLY_STOPPED]
 
 
 def is_ablation(runs: pd.DataFrame) -> bool:
@@ -151,6 +164,8 @@ def study_summary(runs: pd.DataFrame) -> pd.Series:
         "trials": len(runs),
         **{f"status: {s}": n for s, n in _status_counts(runs.status).items()},
         "full-budget trials": len(full),
+        "runs of earlier studies of this name (left out)": runs.attrs.get(
+            "earlier_runs_left_out", 0),
         "max epochs": ", ".join(str(int(e)) for e in sorted(runs.max_epochs.dropna().unique())),
         "compute hours (sum of epoch_seconds)": runs.compute_seconds.sum() / 3600,
         "best trial (by val_acc)": best.trial.iloc[0] if len(best) else "",

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import sys
+import time
 from pathlib import Path
 
 import jupytext
@@ -28,6 +28,8 @@ HERE = Path(__file__).resolve().parent
 CELL_TIMEOUT = 600  # seconds; the slowest cell loads a checkpoint and the test images
 # the kernel draws headless, and a saved report has no use for progress bars: MLflow's would
 # log every download, tqdm's (imported by optuna) would ask for Jupyter widgets
+MANIFEST = ".report-files"  # what a build wrote: the next build into the folder removes only these
+OWN_FILES, OWN_FOLDERS = ("report.ipynb", "report.html"), ("figures", "tables")
 KERNEL_ENV = {"MPLBACKEND": "Agg", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
               "PYTHONWARNINGS": "ignore:IProgress not found"}
 
@@ -41,8 +43,8 @@ def build(experiments: list[str], tracking_uri: str, out: str | Path | None = No
     for experiment in experiments:
         check_experiment(tracking_uri, experiment)  # one-line error, before a kernel starts
     out = Path(out or HERE / "out" / "_vs_".join(map(_safe_name, experiments))).resolve()
-    for stale in ("figures", "tables"):  # a section skipped this time must not leave old files
-        shutil.rmtree(out / stale, ignore_errors=True)
+    _remove_previous_build(out)  # a section skipped this time must not leave old files
+    started = time.time() - 1  # file systems with coarse timestamps
     out.mkdir(parents=True, exist_ok=True)
 
     single = len(experiments) == 1
@@ -61,7 +63,26 @@ def build(experiments: list[str], tracking_uri: str, out: str | Path | None = No
         nbformat.write(notebook, out / "report.ipynb")
     html, _ = HTMLExporter().from_notebook_node(notebook)
     (out / "report.html").write_text(html, encoding="utf-8")
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()
+                     and p.stat().st_mtime >= started
+                     and (p.name in OWN_FILES or p.parent.name in OWN_FOLDERS))
+    (out / MANIFEST).write_text("\n".join(written) + "\n")
     return out
+
+
+def _remove_previous_build(out: Path) -> None:
+    """Delete what the previous build into `out` wrote, as its manifest lists it, and nothing
+    else: `--out` may name a folder that holds the user's own files."""
+    manifest = out / MANIFEST
+    if not manifest.is_file():
+        return
+    for name in manifest.read_text().splitlines():
+        path = (out / name).resolve()
+        if name and path.is_relative_to(out) and path.is_file():
+            path.unlink()
+    for folder in OWN_FOLDERS:
+        if (out / folder).is_dir() and not any((out / folder).iterdir()):
+            (out / folder).rmdir()
 
 
 def inject_parameters(notebook: nbformat.NotebookNode, **params) -> None:
