@@ -5,15 +5,21 @@ Three sources share one interface, `load_arrays(cfg) -> Arrays`:
 - `imagefolder`: `data.root/train/<class>/*` and `data.root/test/<class>/*` (PNG or JPEG), or
   a tar archive of such a folder (unpacked once into the cache);
 - `synthetic`: a generated, learnable 10-class data set for tests and smoke runs.
-The decoded arrays are cached as one `.pt` file per source, so every run after the first starts
-without decoding a single image. Per-sample Python transforms (the seed's DataLoader) cost more
-than the model on a small CPU, so augmentation runs on whole batches of device tensors instead.
+The decoded arrays are cached as one `.pt` file per source, keyed by its location and a cheap
+fingerprint of its files, so every run after the first starts without decoding a single image
+and a source changed in place is decoded afresh. Per-sample Python transforms (the seed's
+DataLoader) cost more than the model on a small CPU, so augmentation runs on whole batches of
+device tensors instead.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
+import shutil
+import stat
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,24 +47,92 @@ def load_arrays(cfg: DataConfig) -> Arrays:
     if path.exists():
         return Arrays(**torch.load(path, weights_only=True))
     arrays = {"cifar10": _cifar10, "imagefolder": _imagefolder, "synthetic": _synthetic}[cfg.source](cfg)
+    if cfg.source == "cifar10":
+        path = cache_path(cfg)  # the download has just made the folder that the key fingerprints
+    # else the key from before decoding: a folder edited meanwhile is cached under a key that no
+    # later load asks for, never under one that claims the edited contents
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")  # concurrent trials may race: rename is atomic
     torch.save(vars(arrays), tmp)
     tmp.replace(path)
+    if cfg.source != "synthetic":  # synthetic caches of other sizes are not stale
+        _drop_stale(path)
     return arrays
 
 
 def cache_path(cfg: DataConfig) -> Path:
-    """One cache file per source and location; the synthetic sizes are part of its identity."""
+    """One cache file per source, location and contents: a folder or archive that changed at
+    the same path gets a new file, so a stale cache is never read. Synthetic: its sizes."""
+    cache_dir = Path(cfg.cache_dir).expanduser()
     if cfg.source == "synthetic":
-        key = f"synthetic-{cfg.synthetic_train}-{cfg.synthetic_test}"
-    else:
-        key = f"{cfg.source}-{_root(cfg).resolve()}"
-    return Path(cfg.cache_dir).expanduser() / f"{cfg.source}-{_digest(key)}.pt"
+        sizes = f"synthetic-{cfg.synthetic_train}-{cfg.synthetic_test}"
+        return cache_dir / f"synthetic-{_digest(sizes)}.pt"
+    root = _root(cfg).resolve()
+    source = root / "cifar-10-batches-py" if cfg.source == "cifar10" else root
+    return cache_dir / f"{cfg.source}-{_digest(f'{cfg.source}-{root}')}-{_fingerprint(source)}.pt"
+
+
+def check_arrays(arrays: Arrays, image_size: int, num_classes: int, val_size: int) -> None:
+    """The data must fit the model and the split it is given; say which way it does not before
+    a single step is trained, rather than fail inside the model or train on wrong labels."""
+    for name, x in (("train", arrays.train_x), ("test", arrays.test_x)):
+        h, w = x.shape[-2:]
+        if (h, w) != (image_size, image_size):
+            raise DataError(f"{name} images are {h}x{w} but model.image_size={image_size}")
+    if len(arrays.classes) > num_classes:
+        names = ", ".join(arrays.classes[:5]) + (", ..." if len(arrays.classes) > 5 else "")
+        raise DataError(f"data has {len(arrays.classes)} classes ({names}) "
+                        f"but model.num_classes={num_classes}")
+    _check_val_size(val_size, len(arrays.train_y))
+    for name, y in (("train", arrays.train_y), ("test", arrays.test_y)):
+        if len(y) and (y.min() < 0 or y.max() >= num_classes):
+            raise DataError(f"{name} labels span {y.min().item()}..{y.max().item()} but "
+                            f"model.num_classes={num_classes} allows 0..{num_classes - 1}")
+
+
+def _check_val_size(val_size: int, n: int) -> None:
+    if val_size >= n:
+        raise DataError(f"data.val_size={val_size} leaves no training images out of {n}")
 
 
 def _digest(key: str) -> str:
     return hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
+def _fingerprint(path: Path) -> str:
+    """A cheap stand-in for the contents: an archive's size and mtime, or a folder's file paths,
+    sizes and mtimes. Hashing the bytes would cost about as much as decoding them."""
+    if path.is_file():
+        st = path.stat()
+        return _digest(f"{st.st_size}-{st.st_mtime_ns}")
+    skip = len(str(path))  # relative paths: the folder's own is in the key already
+    return _digest("\n".join(f"{p[skip:]}\0{st.st_size}\0{st.st_mtime_ns}"
+                             for p, st in _files(path)))
+
+
+def _files(folder: Path) -> list[tuple[str, os.stat_result]]:
+    """Every file under `folder` and its stat, in torchvision ImageFolder's order (which fixes
+    the split). Plain strings and one stat per file: this runs over 60k files on every load."""
+    found = []
+    for d, _, names in sorted(os.walk(folder, followlinks=True)):
+        for name in sorted(names):
+            path = os.path.join(d, name)
+            try:
+                st = os.stat(path)
+            except OSError:  # a link to nothing is no file
+                continue
+            if stat.S_ISREG(st.st_mode):
+                found.append((path, st))
+    return found
+
+
+def _drop_stale(keep: Path) -> None:
+    """Remove the cache entries (named <kind>-<location>-<contents>) of a source's earlier
+    contents, so that each change of a folder does not leave a full decoded copy behind."""
+    location = keep.name.rsplit("-", 1)[0]
+    for old in keep.parent.glob(f"{glob.escape(location)}-*"):
+        if old != keep and not old.name.endswith(".tmp"):  # .tmp: another process's, in flight
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
 
 
 def _root(cfg: DataConfig) -> Path:
@@ -81,11 +155,11 @@ def _cifar10(cfg: DataConfig) -> Arrays:
                   torch.tensor(test.targets), list(train.classes))
 
 
-def _imagefolder(cfg: DataConfig) -> Arrays:
-    import numpy as np
-    from PIL import Image
-    from torchvision.datasets import ImageFolder
+# what torchvision's ImageFolder reads; other files (READMEs, .DS_Store) are not images
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
+
+def _imagefolder(cfg: DataConfig) -> Arrays:
     root = _root(cfg)
     if root.is_file():
         root = _extract(root, Path(cfg.cache_dir).expanduser())
@@ -93,30 +167,71 @@ def _imagefolder(cfg: DataConfig) -> Arrays:
         if not (root / split).is_dir():
             raise DataError(f"data.root={root} has no '{split}' folder (expected "
                             f"{root}/train/<class>/*.jpg and {root}/test/<class>/*.jpg)")
-    out = {}
-    for split in ("train", "test"):
-        folder = ImageFolder(root / split, loader=lambda p: p)  # we decode ourselves, faster
-        images = [np.asarray(Image.open(p).convert("RGB")) for p, _ in folder.samples]
-        if len({im.shape for im in images}) != 1:
-            raise DataError(f"images under {root / split} differ in size; expected one size")
-        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-        out[split] = (x, torch.tensor(folder.targets), folder.classes)
-    if out["train"][2] != out["test"][2]:
+    (train_x, train_y, classes), (test_x, test_y, test_classes) = (
+        _read_split(root / split) for split in ("train", "test"))
+    if classes != test_classes:
         raise DataError(f"{root}/train and {root}/test hold different class folders")
-    return Arrays(*out["train"][:2], *out["test"][:2], out["train"][2])
+    return Arrays(train_x, train_y, test_x, test_y, classes)
+
+
+def _read_split(folder: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """folder/<class>/**/<image> -> uint8 [N, 3, H, W], labels, and the sorted class names."""
+    import numpy as np
+    from PIL import Image
+
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    if not classes:
+        raise DataError(f"{folder} holds no class folders (expected {folder}/<class>/*.jpg)")
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        files = [Path(p) for p, _ in _files(folder / name)
+                 if os.path.splitext(p)[1].lower() in IMAGE_SUFFIXES]
+        if not files:  # a class the model is asked to learn but never shown
+            raise DataError(f"class folder {folder / name} holds no images "
+                            f"(expected {', '.join(IMAGE_SUFFIXES)} files)")
+        for p in files:
+            try:
+                with Image.open(p) as im:
+                    images.append(np.asarray(im.convert("RGB")))
+            except (OSError, SyntaxError, ValueError) as e:  # PIL's ways of saying "broken file"
+                raise DataError(f"image {p} cannot be decoded ({e}); expected a readable "
+                                "PNG or JPEG file") from None
+        labels += [label] * len(files)
+    if len({im.shape for im in images}) != 1:
+        raise DataError(f"images under {folder} differ in size; expected one size")
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    return x, torch.tensor(labels), classes
 
 
 def _extract(archive: Path, cache_dir: Path) -> Path:
     """An archive of the image folder (e.g. the shared cifar10-jpeg.tar.gz) is unpacked once
-    into the cache; the folder holding train/ and test/ is returned."""
+    into the cache, keyed like the decoded cache so that a rewritten archive is unpacked afresh;
+    the folder holding train/ and test/ is returned."""
     if not tarfile.is_tarfile(archive):
         raise DataError(f"data.root={archive} is a file but not a tar archive of train/ and test/")
-    dest = cache_dir / f"{archive.name.split('.')[0]}-{_digest(str(archive.resolve()))}"
+    location = _digest(str(archive.resolve()))
+    dest = cache_dir / f"{archive.name.split('.')[0]}-{location}-{_fingerprint(archive)}"
     if not dest.is_dir():
         tmp = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
-        with tarfile.open(archive) as tar:
-            tar.extractall(tmp, filter="data")
-        tmp.replace(dest)
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(tmp, filter="data")  # refuses members that would land outside tmp
+                # tarfile ends the archive quietly at a damaged header and never reads the
+                # stream's trailer; reading to the end lets gzip, bz2 or xz check its checksum
+                while tar.fileobj.read(1 << 20):
+                    pass
+            tmp.rename(dest)  # the folder appears complete or not at all
+        except tarfile.FilterError as e:
+            raise DataError(f"archive {archive} holds member {e.tarinfo.name!r}, which would land "
+                            f"outside its folder or is a special file ({type(e).__name__}); "
+                            "expected files and folders inside it") from None
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+            if not dest.is_dir():  # else another process unpacked it first and the rename lost
+                raise DataError(f"archive {archive} cannot be unpacked ({type(e).__name__}: {e}); "
+                                "expected an intact tar archive of train/ and test/") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # nothing half-unpacked stays in the cache
+        _drop_stale(dest)
     found = [p.parent for p in dest.rglob("train") if (p.parent / "test").is_dir()]
     if not found:
         raise DataError(f"archive {archive} holds no folder with train/ and test/ inside")
@@ -156,8 +271,7 @@ class Splits:
 
 def split(arrays: Arrays, cfg: DataConfig, device: torch.device) -> Splits:
     n = len(arrays.train_y)
-    if cfg.val_size >= n:
-        raise DataError(f"data.val_size={cfg.val_size} leaves no training images out of {n}")
+    _check_val_size(cfg.val_size, n)
     # the split has its own seed so that every trial of a study validates on the same images
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.split_seed))
     val, train = order[: cfg.val_size], order[cfg.val_size:]
