@@ -13,7 +13,7 @@ import sys
 import time
 
 from tinyvit.config import ConfigError
-from tinyvit.data import DataError, load_arrays
+from tinyvit.data import DataError, check_arrays, load_arrays
 
 from .results import summarize, write_results
 from .spec import SpecError, check_tracking_uri, load_plan, resolve_tracking_uri, study_id
@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         identity = study_id(plan, args.resume)
         config = plan.config
         arrays = load_arrays(config.data)
+        check_arrays(arrays, config.model.image_size, config.model.num_classes,
+                     config.data.val_size)
     except (SpecError, ConfigError, DataError) as e:
         return _refuse(e)
     print(plan.describe(uri, args.address), flush=True)

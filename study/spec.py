@@ -73,8 +73,7 @@ class Plan:
 
     def describe(self, uri: str, address: str | None) -> str:
         r, s = self.resources, self.scheduler
-        gpu = ("auto (a share of a GPU where the cluster has GPUs, else none)"
-               if r["gpu"] == "auto" else r["gpu"])
+        gpu = ("a share of a" if r["gpu"] == "auto" else r["gpu"])
         return "\n".join([
             f"study     {self.name} ({self.design.mode}), {self.design.trial_count()} trials of "
             f"up to {self.epochs} epochs",

@@ -1,7 +1,9 @@
 """Ray Tune wiring: the cluster, the search algorithm, the scheduler, resources, failures, MLflow."""
 from __future__ import annotations
 
+import logging
 import os
+import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -79,8 +81,19 @@ def _connect(address: str | None) -> None:
         # 13.8 s together with no dashboard, which ray[tune] alone cannot serve (ray[default])
         os.environ.setdefault("RAY_enable_worker_prestart", "0")
         os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+        # a local cluster turns token authentication on by itself and warns that it did, on
+        # every start: one stray line before every message a user should read
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+            logging.ERROR)
         ray.init(logging_level="WARNING", include_dashboard=False)
         return
+    host, _, port = address.rpartition(":")
+    if host and port.isdigit():  # ray.init waits minutes on an address where nothing listens
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except OSError as e:
+            raise SpecError(f"--address {address}: nothing answers there ({e}); start the "
+                            "cluster with `ray start --head` or leave --address out") from None
     try:
         ray.init(address=address, logging_level="WARNING")
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
