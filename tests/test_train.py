@@ -121,7 +121,8 @@ def test_training_loss_is_label_smoothed_cross_entropy(tiny_cfg):
 
     with hooked(register_module_forward_hook, record):
         final = fit(tiny_cfg, arrays)
-    assert len(logits) == (2000 - 500) // 100
+    d, t = tiny_cfg.data, tiny_cfg.train
+    assert len(logits) == (d.synthetic_train - d.val_size) // t.batch_size
     target = torch.zeros(len(logits[0]), dtype=torch.long)
     loss = lambda s: sum(F.cross_entropy(z, target, label_smoothing=s).item()  # noqa: E731
                          for z in logits) / len(logits)
@@ -167,8 +168,9 @@ def test_fit_scores_val_and_test_with_the_mirror_on_the_seeded_split(tiny):
     arrays = load_arrays(cfg.data)
     # the carve-out by hand: the first val_size of a split_seed permutation of train validate,
     # and the rest alone give the normalisation statistics
-    order = torch.randperm(2000, generator=torch.Generator().manual_seed(3))
-    val, train = order[:500], order[500:]
+    n, n_val = cfg.data.synthetic_train, cfg.data.val_size
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(3))
+    val, train = order[:n_val], order[n_val:]
     pixels = arrays.train_x[train].float() / 255
     mean = pixels.mean(dim=(0, 2, 3)).view(1, 3, 1, 1)
     std = pixels.std(dim=(0, 2, 3)).view(1, 3, 1, 1)
