@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from tinyvit.config import Config, ConfigError, load
+from tinyvit.config import KEYS, Config, ConfigError, load
 
 
 def test_defaults_are_the_seed_model():
@@ -20,6 +20,14 @@ def test_yaml_file_then_overrides(tmp_path):
     assert cfg.model.depth == 6 and cfg.train.lr == 3e-4
     assert cfg.data.subset == 1000 and cfg.train.compile is True
     assert isinstance(Config.from_dict({"train": {"lr": 1}}).train.lr, float)
+    # YAML 1.1 reads 3e-4 (no dot) as a string; a float key still takes it
+    assert load(None, ["train.lr=3e-4", "data.subset=null"]).train.lr == 3e-4
+
+
+def test_flat_keys_are_dotted_and_cover_every_field():
+    flat = Config.from_dict({"model": {"depth": 3}}).flat()
+    assert flat["model.depth"] == 3 and flat["train.eval_flip"] is False
+    assert set(flat) == KEYS  # the keys --set and study search spaces accept
 
 
 @pytest.mark.parametrize("d, key", [
@@ -32,6 +40,13 @@ def test_yaml_file_then_overrides(tmp_path):
     ({"data": {"source": "imagefolder"}}, "data.root"),
     ({"train": {"compile": "yes"}}, "train.compile"),
     ({"model": {"dropout": 1.5}}, "model.dropout"),
+    ({"model": {"pos_embedding": "sinusoidal2d", "embed_dim": 30, "heads": 2}}, "model.embed_dim"),
+    ({"model": {"rope_base": 1}}, "model.rope_base"),
+    ({"data": {"subset": 0}}, "data.subset"),
+    ({"train": {"min_lr": 0.01}}, "train.min_lr"),  # above train.lr
+    ({"train": {"grad_clip": -1}}, "train.grad_clip"),
+    ({"train": {"label_smoothing": 1.0}}, "train.label_smoothing"),
+    ({"train": {"threads": 0}}, "train.threads"),
 ])
 def test_bad_values_name_the_key(d, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,23 @@ OnEpoch = Callable[[dict, Callable[[], dict]], None]
 
 class TrainingDiverged(FloatingPointError):
     """The loss became NaN or infinite; continuing would only produce NaN epochs."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read, or was saved by a configuration this run cannot continue."""
+
+
+# What a run must share with the checkpoint it resumes. The model keys define the weights and the
+# function they compute; the data keys choose the training and validation images (another split
+# would validate on images the checkpoint trained on). Of train.*, the restored optimizer and
+# scheduler silently keep the checkpoint's lr and weight_decay, its step count means another point
+# of the schedule under another batch_size, and its restored RNG state makes seed a false label.
+# The rest may differ: a larger train.epochs trains longer (the cosine continues from the step
+# reached to the new end), and device, threads, evaluation, clipping or augmentation settings
+# apply from the next step. Paths (data.root, data.cache_dir) may move.
+RESUME_KEYS = ("data.source", "data.val_size", "data.split_seed", "data.subset",
+               "data.synthetic_train", "data.synthetic_test",
+               "train.lr", "train.weight_decay", "train.batch_size", "train.seed")
 
 
 def fit(cfg: Config, arrays: Arrays | None = None, on_epoch: OnEpoch | None = None,
@@ -183,8 +201,29 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
     tmp.replace(path)
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+def load_checkpoint(path: str | Path, cfg: Config | None = None) -> dict:
+    """Read a checkpoint of `fit`; with `cfg`, refuse one that run cannot continue (RESUME_KEYS)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    # a torn or foreign file surfaces as any of these, depending on where torch.load trips
+    except (pickle.UnpicklingError, EOFError, RuntimeError, OSError) as e:
+        why = e.strerror if isinstance(e, OSError) else "truncated or not a torch.save file"
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {why}); "
+                              "move it away to start afresh") from None
+    keys = ("config", "epoch", "model", "optimizer", "scheduler", "rng")
+    if not isinstance(state, dict) or not set(keys) <= set(state):
+        raise CheckpointError(f"checkpoint {path} is not a tinyvit checkpoint (expected a dict "
+                              f"with {', '.join(keys)})")
+    if cfg is not None:
+        saved = {f"{s}.{k}": v for s, sec in state["config"].items() for k, v in sec.items()}
+        run = cfg.flat()
+        differ = [k for k in run if (k.startswith("model.") or k in RESUME_KEYS)
+                  and saved.get(k) != run[k]]
+        if differ:
+            was = ", ".join(f"{k}={saved.get(k)}" for k in differ)
+            now = ", ".join(f"{k}={run[k]}" for k in differ)
+            raise CheckpointError(f"checkpoint {path} was saved for {was}; this run has {now}")
+    return state
 
 
 def format_epoch(m: dict, epochs: int) -> str:
@@ -210,9 +249,9 @@ def main(argv: list[str] | None = None) -> int:
             if not args.checkpoint:
                 raise ConfigError("--resume needs --checkpoint PATH")
             if Path(args.checkpoint).exists():
-                resume = load_checkpoint(args.checkpoint)
+                resume = load_checkpoint(args.checkpoint, cfg)
         arrays = load_arrays(cfg.data)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"TinyViT {count_params(TinyViT(cfg.model)):,} params | " +
