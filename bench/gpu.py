@@ -62,13 +62,15 @@ PLAN = [setting("step", p, "none", b) for p, b in
          ("bf16", 1024), ("bf16", 2048), ("bf16", 4096)]] + \
        [setting("fit", "bf16", "none", 256)] + \
        [setting("concurrent", "bf16", "none", 256, n) for n in (1, 2, 4)] + \
-       [setting("step", "bf16", m, b) for b in (256, 1024) for m in ("reduce-overhead", "default")] + \
+       [setting("step", "bf16", m, b) for b in (256, 1024)
+        for m in ("reduce-overhead", "default")] + \
        [setting("concurrent", "bf16", "none", 1024, n) for n in (2, 4)] + \
        [setting("concurrent", "bf16", "reduce-overhead", 256, n) for n in (2, 4)] + \
        [setting("step", "bf16", m, 512) for m in ("reduce-overhead", "default")] + \
        [setting("step", "fp32", m, 512) for m in ("reduce-overhead", "default")] + \
        [setting("step", "bf16", "none", 256, channels_last=False)]
-SMOKE_PLAN = [setting("step", "fp32", "none", 32), setting("step", "bf16", "none", 32, channels_last=False),
+SMOKE_PLAN = [setting("step", "fp32", "none", 32),
+              setting("step", "bf16", "none", 32, channels_last=False),
               setting("fit", "bf16", "none", 256), setting("concurrent", "fp32", "none", 32, 2),
               setting("step", "fp32", "reduce-overhead", 32)]
 
