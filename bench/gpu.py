@@ -56,29 +56,30 @@ def setting(part, precision, compile, batch, procs=1, channels_last=True) -> dic
 
 # In order of importance: what runs out of time is skipped from the end. Eager first (cheap),
 # then the trainer itself, concurrent processes at the study's default (eager bf16, batch 256),
-# then compiled settings and the combinations.
+# then compiled settings (the default mode only where it might win) and the combinations.
 PLAN = [setting("step", p, "none", b) for p, b in
         [("fp32", 256), ("fp32", 512), ("fp32", 1024), ("bf16", 256), ("bf16", 512),
          ("bf16", 1024), ("bf16", 2048), ("bf16", 4096)]] + \
-       [setting("fit", "bf16", "none", 256)] + \
+       [setting("step", "bf16", "none", 256, channels_last=False),
+        setting("fit", "bf16", "none", 256)] + \
        [setting("concurrent", "bf16", "none", 256, n) for n in (1, 2, 4)] + \
        [setting("step", "bf16", m, b) for b in (256, 1024)
         for m in ("reduce-overhead", "default")] + \
        [setting("concurrent", "bf16", "none", 1024, n) for n in (2, 4)] + \
-       [setting("concurrent", "bf16", "reduce-overhead", 256, n) for n in (2, 4)] + \
-       [setting("step", "bf16", m, 512) for m in ("reduce-overhead", "default")] + \
-       [setting("step", "fp32", m, 512) for m in ("reduce-overhead", "default")] + \
-       [setting("step", "bf16", "none", 256, channels_last=False)]
+       [setting("step", "bf16", "reduce-overhead", b) for b in (512, 2048, 4096)] + \
+       [setting("step", "fp32", "reduce-overhead", 512), setting("fit", "bf16", "default", 256)] + \
+       [setting("concurrent", "bf16", "reduce-overhead", b, n) for b, n in
+        ((256, 2), (256, 4), (1024, 2))]
 SMOKE_PLAN = [setting("step", "fp32", "none", 32),
               setting("step", "bf16", "none", 32, channels_last=False),
               setting("fit", "bf16", "none", 256), setting("concurrent", "fp32", "none", 32, 2),
-              setting("step", "fp32", "reduce-overhead", 32)]
+              setting("step", "fp32", "reduce-overhead", 32), setting("fit", "fp32", "default", 32)]
 
 
 # a first guess of seconds per setting of each group, until one has run: warm-up and window
 # take 2.5 s, starting processes and compiling the rest
 FIRST_GUESS_S = {"step": 5, "fit": 10, "concurrent": 20, "step-compiled": 40,
-                 "concurrent-compiled": 60}
+                 "fit-compiled": 40, "concurrent-compiled": 60}
 
 
 def group(s: dict) -> str:
@@ -135,8 +136,6 @@ def make_step(cfg: Config, arrays: Arrays, mode: str):
         x, y = augment(data.normalize(train_x[idx]), train_y[idx])
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if mode == "reduce-overhead":  # a new iteration: earlier graph outputs may be overwritten
-            torch.compiler.cudagraph_mark_step_begin()
         with amp:
             logits = forward(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=tc.label_smoothing)
@@ -198,9 +197,12 @@ def measure_step(args, precision, mode, batch, arrays, channels_last=True) -> di
     return {"img_per_s": images / seconds, "first_step_s": first, "peak_mb": peak_mb(device)}
 
 
-def measure_fit(args, arrays) -> dict:
-    """fit itself, 2 epochs: epoch 1 pays the warm-up, epoch 2 is the trainer's img/s."""
-    cfg = config(args.device, "bf16", 256, args.cpu_smoke)
+def measure_fit(args, s, arrays) -> dict:
+    """fit itself, 2 epochs: epoch 1 pays the warm-up (and compilation), epoch 2 is the trainer's
+    img/s. fit compiles in the default mode (`train.compile`)."""
+    cfg = config(args.device, s["precision"], s["batch"], args.cpu_smoke)
+    cfg.train.compile = s["compile"] == "default"
+    torch._dynamo.reset()
     seen = []
     fit(cfg, arrays, on_epoch=lambda m, ckpt: seen.append(m))
     return {"img_per_s": seen[-1]["images_per_sec"], "epoch_seconds": seen[-1]["epoch_seconds"]}
@@ -265,7 +267,7 @@ def run(args) -> list[dict]:
                     row.update(measure_step(args, s["precision"], s["compile"], s["batch"], arrays,
                                             s["channels_last"]))
                 elif s["part"] == "fit":
-                    row.update(measure_fit(args, arrays))
+                    row.update(measure_fit(args, s, arrays))
                 else:
                     row.update(measure_concurrent(args, s))
             except Exception as e:  # noqa: BLE001  one failed setting must not lose the rest
@@ -312,8 +314,8 @@ def main() -> int:
     ap.add_argument("--deadline", type=float, default=None,
                     help="Unix time after which no setting starts (default: now + 270 s)")
     ap.add_argument("--only", type=lambda v: v.split(","), default=None,
-                    help="comma list of groups to run: step, step-compiled, fit, concurrent, "
-                         "concurrent-compiled (default: all)")
+                    help="comma list of groups to run: step, step-compiled, fit, fit-compiled, "
+                         "concurrent, concurrent-compiled (default: all)")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="run every code path on the CPU at tiny sizes (no GPU needed)")
     args = ap.parse_args()
