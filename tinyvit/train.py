@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .config import Config, ConfigError, load
-from .data import Arrays, BatchAugment, DataError, load_arrays, split
+from .data import Arrays, BatchAugment, DataError, check_arrays, load_arrays, split
 from .model import TinyViT, count_params
 
 OnEpoch = Callable[[dict, Callable[[], dict]], None]
@@ -251,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             if Path(args.checkpoint).exists():
                 resume = load_checkpoint(args.checkpoint, cfg)
         arrays = load_arrays(cfg.data)
+        check_arrays(arrays, cfg.model.image_size, cfg.model.num_classes, cfg.data.val_size)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
