@@ -6,7 +6,8 @@ import torch
 
 from tinyvit.config import Config
 from tinyvit.model import TinyViT
-from tinyvit.train import fit, load_checkpoint, save_checkpoint
+from tinyvit.data import load_arrays, split
+from tinyvit.train import compile_mode, evaluate, fit, load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -35,7 +36,8 @@ def fit_watching_linears(cfg: Config):
 @pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16),
                                               ("auto", torch.bfloat16)])
 def test_fit_on_cuda_learns_in_its_precision(tiny, precision, dtype):
-    epochs, dtypes = fit_watching_linears(on_cuda(tiny, precision=precision))
+    # eager: a CUDA-graph replay runs no Python, so no hook would see the layers' dtypes
+    epochs, dtypes = fit_watching_linears(on_cuda(tiny, precision=precision, compile=False))
     assert dtypes == {dtype}  # auto must mean bf16 on a GPU that has it
     final, ckpt = epochs[-1]
     assert all(math.isfinite(m[k]) for m, _ in epochs for k in ("train_loss", "val_loss"))
@@ -60,6 +62,22 @@ def test_compiled_fit_on_cuda_learns(tiny):
     final = fit(on_cuda(tiny, compile=True))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it did compile
     assert math.isfinite(final["train_loss"]) and final["val_acc"] > 0.3
+
+
+def test_cuda_graphs_are_the_default_and_score_as_eager_does(tiny):
+    """The default on CUDA replays CUDA graphs, whose output buffer the next replay reuses:
+    test-time flip must still average each image's logits with its mirror's, as eager does."""
+    cfg = on_cuda(tiny, precision="fp32", eval_flip=True)
+    assert compile_mode(cfg.train.compile, torch.device("cuda")) == "reduce-overhead"
+    torch._dynamo.reset()
+    model = TinyViT(cfg.model).cuda()
+    graphed = torch.compile(model, mode="reduce-overhead")
+    data = split(load_arrays(cfg.data), cfg.data, torch.device("cuda"))
+    fp32 = torch.autocast("cuda", enabled=False)
+    eager = evaluate(model, data.val, data.normalize, 250, fp32, flip=True)
+    for _ in range(3):  # the first calls record the graphs, the later ones replay them
+        loss, acc = evaluate(graphed, data.val, data.normalize, 250, fp32, flip=True)
+    assert loss == pytest.approx(eager[0], rel=1e-4) and acc == pytest.approx(eager[1], abs=0.002)
 
 
 def test_checkpoint_saved_on_cuda_resumes_on_cpu(tiny, tmp_path):

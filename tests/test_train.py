@@ -314,3 +314,12 @@ def test_cli_trains_and_checkpoints(tiny, tmp_path):
     assert "epoch   1/1" in r.stdout and "test_acc" in r.stdout
     state = torch.load(tmp_path / "c.pt", weights_only=True)
     assert state["epoch"] == 1 and state["config"]["model"]["depth"] == 1
+
+
+def test_compile_by_default_on_cuda_only_with_cuda_graphs():
+    from tinyvit.train import compile_mode
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device name needs no CUDA
+    assert Config().train.compile is None
+    assert compile_mode(None, cuda) == "reduce-overhead" and compile_mode(None, cpu) is None
+    assert compile_mode(True, cpu) == "default" and compile_mode(True, cuda) == "reduce-overhead"
+    assert compile_mode(False, cuda) is None

@@ -117,7 +117,7 @@ class TrainConfig:
     eval_flip: bool = False  # score val/test on each image and its mirror, averaging the logits
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU (bf16 is slower there)
-    compile: bool = False
+    compile: bool | None = None  # None: on CUDA only (CUDA graphs); see train.compile_mode
     channels_last: bool = True  # only matters on CUDA, where the patch conv prefers NHWC
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
 
