@@ -1,8 +1,7 @@
 """The study's table of trials (Parquet and CSV) and its best configuration (YAML)."""
 from __future__ import annotations
 
-import math
-
+import numpy as np
 import pandas as pd
 import yaml
 from ray.tune import ExperimentAnalysis
@@ -44,8 +43,8 @@ def trial_table(plan: Plan) -> tuple[pd.DataFrame, dict[str, Config]]:
 def ranked(table: pd.DataFrame) -> pd.DataFrame:
     """Full-budget trials with a finite objective, best first: what may be called best."""
     full = c.full_budget(table)
-    full = full[full[c.OBJECTIVE].map(lambda v: v is not None and math.isfinite(v))]
-    return full.sort_values(c.OBJECTIVE, ascending=False)
+    finite = np.isfinite(pd.to_numeric(full[c.OBJECTIVE], errors="coerce").astype(float))
+    return full.loc[finite].sort_values(c.OBJECTIVE, ascending=False)
 
 
 def write_results(plan: Plan) -> pd.DataFrame:

@@ -164,6 +164,7 @@ def test_a_study_needs_a_validation_set_and_never_ranks_nan(tmp_path):
     table = pd.DataFrame({"trial_id": ["a", "b", "c"], "status": "completed", "budget": 2,
                           "max_epochs": 2, "val_acc": [math.nan, 0.3, 0.5]})
     assert list(ranked(table)["trial_id"]) == ["c", "b"]
+    assert ranked(table.assign(status="early-stopped")).empty  # none final: none ranked
 
 
 def test_resume_refuses_an_edited_experiment_naming_the_keys(tmp_path):
