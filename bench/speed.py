@@ -18,13 +18,18 @@ Parts (`--part throughput|time-to-accuracy|seed-recipe|all`):
   images, a test pass after each) and reports its wall time: the time-to-accuracy target is a
   third of it. About 15 minutes on 2 cores, so `all` leaves it out.
 
+Data (`--data`): CIFAR-10 as an image folder (`train/<class>/*`, `test/<class>/*`) or a tar
+archive of one. The figures in bench/RESULTS.md used the lossy JPEG copy of CIFAR-10 as such an
+archive; without `--data`, the recipe's data section decides, which for bench/fast_cifar10.yaml
+is torchvision's download of the original binary release (accuracies differ a little).
+
 Runs unchanged on a GPU: device auto, bf16 autocast and channels-last come from the trainer's
 defaults there; `--compile` turns on `train.compile` for (b).
 
-    python bench/speed.py --part all
-    python bench/speed.py --part throughput --rounds 3 --steps 30
+    python bench/speed.py --part all --data ~/data/cifar10-jpeg.tar.gz
+    python bench/speed.py --part throughput --rounds 3 --steps 30 --data ~/data/cifar10-jpeg.tar.gz
     python bench/speed.py --part time-to-accuracy --config bench/fast_cifar10.yaml
-    python bench/speed.py --part seed-recipe
+    python bench/speed.py --part seed-recipe --data ~/data/cifar10-jpeg.tar.gz
 """
 from __future__ import annotations
 
@@ -50,7 +55,6 @@ from tinyvit.model import TinyViT, count_params  # noqa: E402
 from tinyvit.train import fit, resolve_device  # noqa: E402
 
 DEFAULT_RECIPE = ROOT / "bench" / "fast_cifar10.yaml"
-DEFAULT_DATA = "/work/shared/data/cifar10-jpeg.tar.gz"
 SEED_PARAMS = 208_074
 SEED_TARGET = 0.604  # the seed's reported test accuracy
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -307,8 +311,9 @@ def main(argv=None) -> int:
                     help="recipe YAML: its train/data sections drive (b); all of it drives "
                          "time-to-accuracy")
     ap.add_argument("--data", default=None,
-                    help="imagefolder root or archive for both parts (default: the recipe's "
-                         f"data.root, else {DEFAULT_DATA}); 'synthetic' for random images")
+                    help="CIFAR-10 image folder (train/ and test/) or tar archive of one, for "
+                         "every part; 'synthetic' for random images; default: the recipe's "
+                         "data section (bench/fast_cifar10.yaml: torchvision's CIFAR-10 download)")
     ap.add_argument("--steps", type=int, default=30,
                     help="throughput: measured steps of (b) per round; (a) trains as many images")
     ap.add_argument("--warmup", type=int, default=10, help="throughput: (a) warm-up steps")
@@ -329,6 +334,12 @@ def main(argv=None) -> int:
     cfg = load(args.config, overrides)
     recipe = {k: v for k, v in cfg.to_dict().items()}
 
+    where = (f" from {cfg.data.root}" if cfg.data.root else
+             f", torchvision's download into {cfg.data.cache_dir}/cifar10"
+             if cfg.data.source == "cifar10" else "")
+    print(f"data: {cfg.data.source}{where}"
+          + ("" if args.data else " (the recipe's; --data PATH for an image-folder copy)"),
+          flush=True)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, device "
           f"{resolve_device(cfg.train.device)}; load average {os.getloadavg()}", flush=True)

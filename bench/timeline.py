@@ -1,7 +1,7 @@
 """Where a study's start-up goes: runs `python -m study.run ARGS...` and prints each line of its
 output with the seconds since the command started (Ray's per-checkpoint lines left out).
 
-    python bench/timeline.py experiments/smoke.yaml --set storage=/tmp/tl \
+    python bench/timeline.py experiments/smoke.yaml --set storage=runs/timeline \
         --set search.num_samples=2 --set train.epochs=1 --set scheduler.type=none
 """
 import subprocess
