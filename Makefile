@@ -30,8 +30,8 @@ report: $(STAMP)
 	$(PY) -m reports.build --experiment $(EXP) \
 		--tracking-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/runs/$(EXP)/mlflow.db}
 
-bench: $(STAMP)
-	$(PY) bench/speed.py
+bench: $(STAMP)  # DATA=PATH: an image-folder copy of CIFAR-10 (default: torchvision's download)
+	$(PY) bench/speed.py $(if $(DATA),--data $(DATA))
 
 clean:
 	rm -rf $(VENV) reports/out .pytest_cache
