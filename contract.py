@@ -22,6 +22,12 @@ RESULTS = "results"  # the study's folder (Ray results, table, best config)
 GIT_COMMIT = "git_commit"
 ERROR = "error"  # errored trials: the last line of the traceback
 
+PARENT = "mlflow.parentRunId"  # MLflow's own nesting: every trial's run is a child of the study's
+RUN_KIND = "kind"  # STUDY_RUN for the study's parent run, TRIAL_RUN for a trial's
+STUDY_RUN, TRIAL_RUN = "study", "trial"
+# MLflow 3 opens an experiment of this kind on its runs, not on the GenAI overview
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
 # values of STATUS
 COMPLETED, EARLY_STOPPED, ERRORED, RUNNING = "completed", "early-stopped", "errored", "running"
 STATUSES = (COMPLETED, EARLY_STOPPED, ERRORED, RUNNING)
@@ -35,6 +41,8 @@ FINAL_METRICS = ("test_loss", "test_acc")  # logged once, after the last epoch
 CHECKPOINT_FILE = "model.pt"
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT = f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}"  # artifact path of a completed trial's model
+MODEL = "model"  # the best trial's MLflow PyTorch model, logged under its run and registered
+REPORT_DIR = "report"  # the study's report, attached to the parent run
 
 
 def trial_status(budget: int, max_epochs: int) -> str:

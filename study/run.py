@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -57,8 +58,28 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as e:  # what the cluster can never run: refused before any trial
         return _refuse(e)
     table = write_results(plan)
-    print(summarize(plan, table, uri))
+    print(summarize(plan, table, uri), flush=True)
+    print("\n".join(publish_results(plan, uri, identity, table)))
     return 0
+
+
+def publish_results(plan, uri: str, identity: str, table) -> list[str]:
+    """The report (built headless from MLflow) and the best model, into MLflow."""
+    from .results import ranked
+    from .tracking import publish
+
+    report, lines = None, []
+    if plan.report:
+        from reports.build import build
+
+        try:
+            report = build([plan.experiment], uri, plan.path / "report")
+        except Exception as e:  # noqa: BLE001  the study's results stand without their report
+            last = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines() or [""]
+            lines.append(f"report    not built ({type(e).__name__}: {last[-1][:200]}); "
+                         f"the executed notebook says where: {plan.path / 'report'}")
+    best = ranked(table).head(1)["trial_id"].tolist()
+    return lines + publish(plan, uri, identity, best[0] if best else None, report)
 
 
 def _refuse(e: Exception) -> int:

@@ -27,7 +27,7 @@ SEARCH_KEYS = {"num_samples", "metric", "mode", "seed", "space", "constraints"}
 ABLATION_KEYS = {"factors", "design", "baseline", "seeds"}
 SCHEDULER_KEYS = {"type", "grace_period", "reduction_factor"}
 RESOURCE_KEYS = {"cpu", "gpu", "max_concurrent"}
-MLFLOW_KEYS = {"tracking_uri", "experiment"}
+MLFLOW_KEYS = {"tracking_uri", "experiment", "report"}
 # what every trial of a study is compared on: one data set (decoded once, by the driver), one
 # validation split, one image shape; a study that varied them would rank trials on different
 # questions
@@ -52,6 +52,7 @@ class Plan:
     tracking_uri: str | None
     experiment: str  # MLflow experiment
     max_failures: int
+    report: bool  # build the study's report at its end and attach it to the study's MLflow run
     source: dict  # the experiment as read (file, --set, the base file's values): --resume compares
 
     @property
@@ -147,6 +148,8 @@ def parse_plan(raw: dict) -> Plan:
     for key in ("tracking_uri", "experiment"):
         if ml.get(key) is not None and (not isinstance(ml[key], str) or not ml[key]):
             raise SpecError(f"mlflow.{key} must be a non-empty string, got {short(ml[key])}")
+    if not isinstance(ml.get("report", True), bool):
+        raise SpecError(f"mlflow.report must be true or false, got {short(ml['report'])}")
     resources = _resources(_section(raw, "resources", RESOURCE_KEYS))
     # one intra-op thread per CPU the trial holds: more would fight the neighbouring trials
     # (a best_config.yaml base says `threads: null`, which would mean every core of the node)
@@ -182,7 +185,7 @@ def parse_plan(raw: dict) -> Plan:
                 resources=resources, tracking_uri=ml.get("tracking_uri"),
                 experiment=ml.get("experiment") or name,
                 max_failures=_int(raw.get("max_failures", 2), "max_failures", lo=0),
-                source=source)
+                report=ml.get("report", True), source=source)
 
 
 def _scheduler(s: dict) -> dict:

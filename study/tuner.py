@@ -48,7 +48,7 @@ def run_study(plan: Plan, uri: str, arrays, address: str | None, identity: str, 
         else:
             tuner = tune.Tuner(trainable, param_space=plan.design.param_space(),
                                tune_config=_tune_config(plan),
-                               run_config=_run_config(plan, uri, identity, experiment))
+                               run_config=_run_config(plan, uri, identity, arrays, experiment))
         print(f"ray       up after {time.perf_counter() - t0:.1f}s; "
               f"{'resuming' if resume else 'starting'} trials", flush=True)
         tuner.fit()
@@ -132,13 +132,14 @@ def _tune_config(plan: Plan) -> tune.TuneConfig:
                            reuse_actors=True)
 
 
-def _run_config(plan: Plan, uri: str, identity: str, experiment: Future) -> RunConfig:
-    from .tracking import MlflowTrials  # mlflow: waits for the thread's import, not its set-up
+def _run_config(plan: Plan, uri: str, identity: str, arrays, experiment: Future) -> RunConfig:
+    from .tracking import MlflowTrials, dataset_input  # mlflow: waits for the thread's import
 
     # keeping 2 checkpoints per trial forces an experiment snapshot after each one, which is
     # what lets --resume continue exactly; Ray warns about that cost on every short epoch
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     return RunConfig(name=plan.name, storage_path=str(plan.storage), verbose=1,
-                     callbacks=[MlflowTrials(uri, plan, identity, experiment)],
+                     callbacks=[MlflowTrials(uri, plan, identity,
+                                             dataset_input(plan.config, arrays), experiment)],
                      failure_config=FailureConfig(max_failures=plan.max_failures),
                      checkpoint_config=CheckpointConfig(num_to_keep=2))

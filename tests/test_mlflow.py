@@ -1,0 +1,93 @@
+"""MLflow as its users expect it, read back through MlflowClient from a real `mlflow server`:
+the study a parent run with its trials as children, runs named for what they are, the data set
+an input of every run, the best model logged, registered and loadable, the report attached."""
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+
+import mlflow
+import mlflow.pytorch
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from studyutil import env_without_tracking, experiment, free_port, run, wait_for, write
+from tinyvit.config import Config
+from tinyvit.data import load_arrays
+
+
+@pytest.fixture
+def server(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+
+    def healthy():
+        try:
+            return urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200
+        except OSError:
+            return False
+    try:
+        wait_for(healthy, timeout=90, what="mlflow server")
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_a_study_in_mlflow_as_its_users_expect(tmp_path, server):
+    d = experiment(tmp_path, name="looks", mode="ablation", search=None,
+                   scheduler={"type": "none"})
+    d["ablation"] = {"factors": {"model.depth": [2, 1]}, "seeds": [0]}
+    d["train"]["epochs"] = 1
+    out = run(write(tmp_path, d), "--tracking-uri", server, env=env_without_tracking())
+    client = MlflowClient(server)
+    exp = client.get_experiment_by_name("looks")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("kind") == "study"]
+    trials = [r for r in runs if r.data.tags.get("kind") == "trial"]
+    assert len(parents) == 1 and len(trials) == 2 and len(runs) == 3
+    parent = parents[0]
+    assert parent.info.run_name == "looks" and parent.info.status == "FINISHED"
+    assert parent.data.params["model.depth"] == "2"  # the fixed config of the study
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in trials)
+    assert sorted(r.info.run_name for r in trials) == ["baseline seed 0", "model.depth=1 seed 0"]
+
+    # the data set: one digest, on the study's run and on every trial's
+    digests = {i.dataset.digest for r in [parent, *trials] for i in r.inputs.dataset_inputs}
+    names = {i.dataset.name for r in [parent, *trials] for i in r.inputs.dataset_inputs}
+    assert len(digests) == 1 and names == {"synthetic"}
+    assert all(len(r.inputs.dataset_inputs) == 1 for r in [parent, *trials])
+
+    # the best trial's model: registered, loadable, and it scores what the trial reported
+    table = pd.read_parquet(tmp_path / "runs" / "looks" / "trials.parquet")
+    best = table.sort_values("val_acc", ascending=False).iloc[0]
+    versions = client.search_model_versions("name = 'looks'")
+    assert len(versions) == 1
+    best_run = next(r for r in trials if r.data.tags["trial_id"] == best["trial_id"])
+    assert versions[0].run_id == best_run.info.run_id
+    mlflow.set_tracking_uri(server)
+    model = mlflow.pytorch.load_model("models:/looks/1").eval()
+    info = mlflow.models.get_model_info("models:/looks/1")
+    assert info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == [-1, 3, 32, 32]
+    cfg = Config.from_dict({"data": d["data"]})
+    arrays = load_arrays(cfg.data)
+    mean = torch.tensor(info.metadata["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(info.metadata["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        logits = model((arrays.test_x.float() / 255 - mean) / std)
+    accuracy = (logits.argmax(1) == arrays.test_y).float().mean().item()
+    assert accuracy == pytest.approx(best["test_acc"], abs=1 / len(arrays.test_y))
+
+    # the report, attached to the study's run
+    attached = [a.path for a in client.list_artifacts(parent.info.run_id, "report")]
+    assert "report/report.html" in attached and "registry  looks version 1" in out
