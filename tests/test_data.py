@@ -359,3 +359,13 @@ def test_check_arrays_refuses_what_does_not_fit():
         check_arrays(_arrays(labels=bad_labels), image_size=32, num_classes=10, val_size=0)
     with pytest.raises(DataError, match="data.val_size=20 leaves no training images out of 20"):
         check_arrays(_arrays(), image_size=32, num_classes=10, val_size=20)
+
+
+def test_channel_stats_match_the_float_copy_they_avoid():
+    from tinyvit.data import channel_stats
+    x = torch.randint(0, 256, (1000, 3, 8, 8), dtype=torch.uint8)
+    x[:, 1] //= 4  # channels that differ, so a mix-up of axes shows
+    mean, std = channel_stats(x, chunk=333)  # chunks that do not divide the set
+    f = x.float() / 255
+    torch.testing.assert_close(mean, f.mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(std, f.std(dim=(0, 2, 3)))
