@@ -1,10 +1,14 @@
 """Real studies on real Ray clusters, logging to real MLflow stores: the product end to end."""
 import os
+import pickle
+import re
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
+
+import optuna
 
 import pandas as pd
 import psutil
@@ -15,6 +19,10 @@ from ray.tune import ExperimentAnalysis
 from studyutil import (REPO, env_without_tracking, experiment, free_port, kill_tree, run, start,
                        trial_results, wait_for, write)
 from tinyvit.config import load
+
+# what every run's git_commit tag must be: the checkout's commit, not the "unknown" fallback
+HEAD = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                      check=True).stdout.strip()
 
 
 def runs_of(uri: str, name: str) -> pd.DataFrame:
@@ -29,28 +37,55 @@ def runs_of(uri: str, name: str) -> pd.DataFrame:
 
 
 def steps(client, run_id, metric="val_acc") -> list[int]:
-    return sorted({m.step for m in client.get_metric_history(run_id, metric)})
+    """Every logged step, repeats kept: an epoch logged twice shows up twice."""
+    return sorted(m.step for m in client.get_metric_history(run_id, metric))
 
 
-def test_smoke_study_end_to_end_and_its_report(tmp_path):
+def plan_uri(out: str) -> str:
+    """The tracking URI the driver chose, from its plan line `mlflow    URI (experiment ...)`."""
+    return re.search(r"^mlflow +(\S+) \(experiment", out, re.M).group(1)
+
+
+def snapshot(folder) -> dict:
+    return {p.relative_to(folder): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in folder.rglob("*")}
+
+
+def test_smoke_study_its_report_and_an_ablation_around_its_best_config(tmp_path):
     """`python -m study.run experiments/smoke.yaml` as a user runs it (only the folders moved),
-    then `reports.build` on what it logged."""
-    out = run(REPO / "experiments" / "smoke.yaml", "--set", f"storage={tmp_path / 'runs'}",
-              "--set", f"data.cache_dir={tmp_path / 'cache'}", env=env_without_tracking())
+    `reports.build` on what it logged, the refusal to run it again, then a second study built on
+    its best_config.yaml, joining a running cluster through RAY_ADDRESS and logging where
+    MLFLOW_TRACKING_URI points."""
+    smoke = [REPO / "experiments" / "smoke.yaml", "--set", f"storage={tmp_path / 'runs'}",
+             "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    out = run(*smoke, env=env_without_tracking())
     study = tmp_path / "runs" / "smoke"
+    uri = f"sqlite:///{study / 'mlflow.db'}"
+    assert plan_uri(out) == uri  # nothing names a store: the default one, in the study folder
     table = pd.read_parquet(study / "trials.parquet")
     assert len(table) == 4 and set(table["status"]) <= {"completed", "early-stopped"}
     assert pd.read_csv(study / "trials.csv").shape == table.shape
-    full = table[table["status"] == "completed"]
-    assert len(full) >= 1 and (full["budget"] == 2).all() and full["test_acc"].notna().all()
-    stopped = table[table["status"] == "early-stopped"]
-    assert (stopped["budget"] < 2).all() and stopped["test_acc"].isna().all()
-    best = load(study / "best_config.yaml")  # the trainer accepts it as it is
-    winner = full.sort_values("val_acc").iloc[-1]
-    assert best.model.patch_size == winner["model.patch_size"]
+    # whatever ASHA stopped here (that depends on which trial reaches epoch 1 first), a trial is
+    # completed exactly when it ran its whole budget, and only completed trials were tested
+    completed = table["status"] == "completed"
+    assert (completed == (table["budget"] == 2)).all() and (table["budget"] >= 1).all()
+    assert (completed == table["test_acc"].notna()).all()
+    winner = table[completed].sort_values("val_acc").iloc[-1]
+    best_path = study / "best_config.yaml"
+    best = load(best_path)  # the trainer accepts it as it is
+    assert f"trial {winner['trial_id']}" in best_path.read_text().splitlines()[0]
+    assert {k: v for k, v in best.flat().items() if v is not None} == \
+        {k: winner[k] for k, v in best.flat().items() if v is not None}
     assert "best full-budget trials" in out and "mlflow ui --backend-store-uri" in out
 
-    uri = f"sqlite:///{study / 'mlflow.db'}"
+    # the same command again is refused, and leaves the finished study as it was
+    before = snapshot(study)
+    again = start(*smoke, env=env_without_tracking())
+    refusal = again.communicate(timeout=120)[0].splitlines()
+    assert again.returncode == 2 and len(refusal) == 1, refusal
+    assert refusal[0].startswith("error: ") and "--resume" in refusal[0]
+    assert snapshot(study) == before
+
     runs = runs_of(uri, "smoke")
     assert len(runs) == 4 and sorted(runs["tags.trial_id"]) == sorted(table["trial_id"])
     client = MlflowClient(uri)
@@ -58,23 +93,78 @@ def test_smoke_study_end_to_end_and_its_report(tmp_path):
         row = table[table["trial_id"] == r["tags.trial_id"]].iloc[0]
         assert r["tags.status"] == row["status"] and int(r["tags.budget"]) == row["budget"]
         assert r["tags.study"] == "smoke" and r["tags.mode"] == "search"
-        assert r["tags.seed"] == "0" and len(r["tags.git_commit"]) >= 7
+        assert r["tags.seed"] == "0" and r["tags.git_commit"] == HEAD
         assert r["params.model.pos_embedding"] == row["model.pos_embedding"]
         assert steps(client, r["run_id"]) == list(range(1, row["budget"] + 1))
+        assert pd.notna(r["metrics.test_acc"]) == (row["status"] == "completed")
         has_ckpt = bool(client.list_artifacts(r["run_id"], "checkpoint"))
         assert has_ckpt == (row["status"] == "completed")
 
-    # and its report, rebuilt from MLflow alone
+    # its report, rebuilt from MLflow alone
     from reports.build import build
-    out = build(["smoke"], uri, tmp_path / "report")
-    assert (out / "report.html").stat().st_size > 10_000
-    summary = pd.read_csv(out / "tables" / "summary.csv", index_col=0).iloc[:, 0]
+    report = build(["smoke"], uri, tmp_path / "report")
+    assert (report / "report.html").stat().st_size > 10_000
+    summary = pd.read_csv(report / "tables" / "summary.csv", index_col=0).iloc[:, 0]
     assert int(summary["trials"]) == 4
-    assert int(summary["full-budget trials"]) == len(full)
+    assert int(summary["full-budget trials"]) == completed.sum()
     assert float(summary["best val_acc"]) == pytest.approx(winner["val_acc"])
-    pngs = sorted((out / "figures").glob("*.png"))
+    pngs = sorted((report / "figures").glob("*.png"))
     assert {p.stem for p in pngs} >= {"factors", "attention"}
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+    # An ablation around the winner: its base is that best_config.yaml, its one other cell a
+    # learning rate too small to learn anything. One trial at a time, so the baseline reaches
+    # ASHA's first rung first and the tiny-lr trial, certainly worse, is certainly stopped there.
+    # The file names a store that MLFLOW_TRACKING_URI overrides; RAY_ADDRESS names the cluster.
+    from ray.cluster_utils import Cluster
+
+    file_uri, env_uri, cli_uri = (f"sqlite:///{tmp_path / n}.db" for n in ("file", "env", "cli"))
+    path = write(tmp_path, {
+        "name": "around_best", "mode": "ablation", "base": str(best_path),
+        "storage": str(tmp_path / "runs"), "mlflow": {"tracking_uri": file_uri},
+        "ablation": {"factors": {"train.lr": [best.train.lr, 1.0e-7]}},
+        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        "resources": {"cpu": 1, "max_concurrent": 1}}, "around_best.yaml")
+    env = {**env_without_tracking(), "MLFLOW_TRACKING_URI": env_uri}
+    # the rest of the tracking URI's precedence needs only the plan: the file's store beats the
+    # default, --tracking-uri beats the environment
+    plans = [start(path, "--dry-run", env=env_without_tracking()),
+             start(path, "--dry-run", "--tracking-uri", cli_uri, env=env)]
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    address, node = cluster.address, cluster.head_node.node_id
+    try:
+        out = run(path, env={**env, "RAY_ADDRESS": address})
+    finally:
+        cluster.shutdown()
+    assert f"Ray at {address}" in out and plan_uri(out) == env_uri
+    assert [plan_uri(p.communicate(timeout=120)[0]) for p in plans] == [file_uri, cli_uri]
+    assert [p.returncode for p in plans] == [0, 0]
+    ablation = tmp_path / "runs" / "around_best"
+    assert not (tmp_path / "file.db").exists() and not (tmp_path / "cli.db").exists()
+    assert not (ablation / "mlflow.db").exists()
+
+    table = pd.read_parquet(ablation / "trials.parquet").set_index("cell")
+    baseline, tiny = table.loc["baseline"], table.loc["train.lr=1e-07"]
+    assert baseline["status"] == "completed" and pd.notna(baseline["test_acc"])
+    assert tiny["status"] == "early-stopped" and tiny["budget"] == 1 < tiny["max_epochs"] == 2
+    assert pd.isna(tiny["test_acc"])
+    # the base's values make the baseline the smoke study's winner again: same config, same seed,
+    # same metrics on CPU
+    assert baseline["val_acc"] == winner["val_acc"]
+    assert f"trial {baseline['trial_id']}" in \
+        (ablation / "best_config.yaml").read_text().splitlines()[0]
+
+    runs = runs_of(env_uri, "around_best").set_index("tags.cell")
+    client = MlflowClient(env_uri)
+    for cell, lr, status, budget in (("baseline", best.train.lr, "completed", 2),
+                                     ("train.lr=1e-07", 1.0e-7, "early-stopped", 1)):
+        r = runs.loc[cell]
+        assert {k: r[f"params.{k}"] for k in best.flat()} == \
+            {k: str(v) for k, v in {**best.flat(), "train.lr": lr}.items()}
+        assert r["tags.status"] == status and r["tags.budget"] == str(budget)
+        assert r["tags.node"] == node and r["tags.git_commit"] == HEAD
+        assert steps(client, r["run_id"]) == list(range(1, budget + 1))
+        assert pd.notna(r["metrics.test_acc"]) == (status == "completed")
 
 
 def test_errors_are_recorded_and_killed_trials_resume_from_their_checkpoint(tmp_path):
