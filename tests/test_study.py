@@ -1,11 +1,13 @@
 """Real studies on real Ray clusters, logging to real MLflow stores: the product end to end."""
 import os
+import pickle
+import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 
+import optuna
 import pandas as pd
 import psutil
 import pytest
@@ -15,6 +17,10 @@ from ray.tune import ExperimentAnalysis
 from studyutil import (REPO, env_without_tracking, experiment, free_port, kill_tree, run, start,
                        trial_results, wait_for, write)
 from tinyvit.config import load
+
+# what every run's git_commit tag must be: the checkout's commit, not the "unknown" fallback
+HEAD = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                      check=True).stdout.strip()
 
 
 def runs_of(uri: str, name: str) -> pd.DataFrame:
@@ -29,28 +35,56 @@ def runs_of(uri: str, name: str) -> pd.DataFrame:
 
 
 def steps(client, run_id, metric="val_acc") -> list[int]:
-    return sorted({m.step for m in client.get_metric_history(run_id, metric)})
+    """Every logged step, repeats kept: an epoch logged twice shows up twice."""
+    return sorted(m.step for m in client.get_metric_history(run_id, metric))
 
 
-def test_smoke_study_end_to_end_and_its_report(tmp_path):
+def plan_uri(out: str) -> str:
+    """The tracking URI the driver chose, from its plan line `mlflow    URI (experiment ...)`."""
+    return re.search(r"^mlflow +(\S+) \(experiment", out, re.M).group(1)
+
+
+def snapshot(folder) -> dict:
+    """Every file and folder under `folder` with its size and modification time."""
+    return {p.relative_to(folder): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in folder.rglob("*")}
+
+
+def test_smoke_study_its_report_and_an_ablation_around_its_best_config(tmp_path):
     """`python -m study.run experiments/smoke.yaml` as a user runs it (only the folders moved),
-    then `reports.build` on what it logged."""
-    out = run(REPO / "experiments" / "smoke.yaml", "--set", f"storage={tmp_path / 'runs'}",
-              "--set", f"data.cache_dir={tmp_path / 'cache'}", env=env_without_tracking())
+    `reports.build` on what it logged, the refusal to run it again, then a second study built on
+    its best_config.yaml, joining a running cluster through RAY_ADDRESS and logging where
+    MLFLOW_TRACKING_URI points."""
+    smoke = [REPO / "experiments" / "smoke.yaml", "--set", f"storage={tmp_path / 'runs'}",
+             "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    out = run(*smoke, env=env_without_tracking())
     study = tmp_path / "runs" / "smoke"
+    uri = f"sqlite:///{study / 'mlflow.db'}"
+    assert plan_uri(out) == uri  # nothing names a store: the default one, in the study folder
     table = pd.read_parquet(study / "trials.parquet")
     assert len(table) == 4 and set(table["status"]) <= {"completed", "early-stopped"}
     assert pd.read_csv(study / "trials.csv").shape == table.shape
-    full = table[table["status"] == "completed"]
-    assert len(full) >= 1 and (full["budget"] == 2).all() and full["test_acc"].notna().all()
-    stopped = table[table["status"] == "early-stopped"]
-    assert (stopped["budget"] < 2).all() and stopped["test_acc"].isna().all()
-    best = load(study / "best_config.yaml")  # the trainer accepts it as it is
-    winner = full.sort_values("val_acc").iloc[-1]
-    assert best.model.patch_size == winner["model.patch_size"]
+    # whatever ASHA stopped here (that depends on which trial reaches epoch 1 first), a trial is
+    # completed exactly when it ran its whole budget, and only completed trials were tested
+    completed = table["status"] == "completed"
+    assert (completed == (table["budget"] == 2)).all() and (table["budget"] >= 1).all()
+    assert (completed == table["test_acc"].notna()).all()
+    winner = table[completed].sort_values("val_acc").iloc[-1]
+    best_path = study / "best_config.yaml"
+    best = load(best_path)  # the trainer accepts it as it is
+    assert f"trial {winner['trial_id']}" in best_path.read_text().splitlines()[0]
+    assert {k: v for k, v in best.flat().items() if v is not None} == \
+        {k: winner[k] for k, v in best.flat().items() if v is not None}
     assert "best full-budget trials" in out and "mlflow ui --backend-store-uri" in out
 
-    uri = f"sqlite:///{study / 'mlflow.db'}"
+    # the same command again is refused, and leaves the finished study as it was
+    before = snapshot(study)
+    again = start(*smoke, env=env_without_tracking())
+    refusal = again.communicate(timeout=120)[0].splitlines()
+    assert again.returncode == 2 and len(refusal) == 1, refusal
+    assert refusal[0].startswith("error: ") and "--resume" in refusal[0]
+    assert snapshot(study) == before
+
     runs = runs_of(uri, "smoke")
     assert len(runs) == 4 and sorted(runs["tags.trial_id"]) == sorted(table["trial_id"])
     client = MlflowClient(uri)
@@ -58,23 +92,78 @@ def test_smoke_study_end_to_end_and_its_report(tmp_path):
         row = table[table["trial_id"] == r["tags.trial_id"]].iloc[0]
         assert r["tags.status"] == row["status"] and int(r["tags.budget"]) == row["budget"]
         assert r["tags.study"] == "smoke" and r["tags.mode"] == "search"
-        assert r["tags.seed"] == "0" and len(r["tags.git_commit"]) >= 7
+        assert r["tags.seed"] == "0" and r["tags.git_commit"] == HEAD
         assert r["params.model.pos_embedding"] == row["model.pos_embedding"]
         assert steps(client, r["run_id"]) == list(range(1, row["budget"] + 1))
+        assert pd.notna(r["metrics.test_acc"]) == (row["status"] == "completed")
         has_ckpt = bool(client.list_artifacts(r["run_id"], "checkpoint"))
         assert has_ckpt == (row["status"] == "completed")
 
-    # and its report, rebuilt from MLflow alone
+    # its report, rebuilt from MLflow alone
     from reports.build import build
-    out = build(["smoke"], uri, tmp_path / "report")
-    assert (out / "report.html").stat().st_size > 10_000
-    summary = pd.read_csv(out / "tables" / "summary.csv", index_col=0).iloc[:, 0]
+    report = build(["smoke"], uri, tmp_path / "report")
+    assert (report / "report.html").stat().st_size > 10_000
+    summary = pd.read_csv(report / "tables" / "summary.csv", index_col=0).iloc[:, 0]
     assert int(summary["trials"]) == 4
-    assert int(summary["full-budget trials"]) == len(full)
+    assert int(summary["full-budget trials"]) == completed.sum()
     assert float(summary["best val_acc"]) == pytest.approx(winner["val_acc"])
-    pngs = sorted((out / "figures").glob("*.png"))
+    pngs = sorted((report / "figures").glob("*.png"))
     assert {p.stem for p in pngs} >= {"factors", "attention"}
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+    # An ablation around the winner: its base is that best_config.yaml, its one other cell a
+    # learning rate too small to learn anything. One trial at a time, so the baseline reaches
+    # ASHA's first rung first and the tiny-lr trial, certainly worse, is certainly stopped there.
+    # The file names a store that MLFLOW_TRACKING_URI overrides; RAY_ADDRESS names the cluster.
+    from ray.cluster_utils import Cluster
+
+    file_uri, env_uri, cli_uri = (f"sqlite:///{tmp_path / n}.db" for n in ("file", "env", "cli"))
+    path = write(tmp_path, {
+        "name": "around_best", "mode": "ablation", "base": str(best_path),
+        "storage": str(tmp_path / "runs"), "mlflow": {"tracking_uri": file_uri},
+        "ablation": {"factors": {"train.lr": [best.train.lr, 1.0e-7]}},
+        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        "resources": {"cpu": 1, "max_concurrent": 1}}, "around_best.yaml")
+    env = {**env_without_tracking(), "MLFLOW_TRACKING_URI": env_uri}
+    # the rest of the tracking URI's precedence needs only the plan: the file's store beats the
+    # default, --tracking-uri beats the environment
+    plans = [start(path, "--dry-run", env=env_without_tracking()),
+             start(path, "--dry-run", "--tracking-uri", cli_uri, env=env)]
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    address, node = cluster.address, cluster.head_node.node_id
+    try:
+        out = run(path, env={**env, "RAY_ADDRESS": address})
+    finally:
+        cluster.shutdown()
+    assert f"Ray at {address}" in out and plan_uri(out) == env_uri
+    assert [plan_uri(p.communicate(timeout=120)[0]) for p in plans] == [file_uri, cli_uri]
+    assert [p.returncode for p in plans] == [0, 0]
+    ablation = tmp_path / "runs" / "around_best"
+    assert not (tmp_path / "file.db").exists() and not (tmp_path / "cli.db").exists()
+    assert not (ablation / "mlflow.db").exists()
+
+    table = pd.read_parquet(ablation / "trials.parquet").set_index("cell")
+    baseline, tiny = table.loc["baseline"], table.loc["train.lr=1e-07"]
+    assert baseline["status"] == "completed" and pd.notna(baseline["test_acc"])
+    assert tiny["status"] == "early-stopped" and tiny["budget"] == 1 < tiny["max_epochs"] == 2
+    assert pd.isna(tiny["test_acc"])
+    # the base's values make the baseline the smoke study's winner again: same config, same seed,
+    # same metrics on CPU
+    assert baseline["val_acc"] == winner["val_acc"]
+    assert f"trial {baseline['trial_id']}" in \
+        (ablation / "best_config.yaml").read_text().splitlines()[0]
+
+    runs = runs_of(env_uri, "around_best").set_index("tags.cell")
+    client = MlflowClient(env_uri)
+    for cell, lr, status, budget in (("baseline", best.train.lr, "completed", 2),
+                                     ("train.lr=1e-07", 1.0e-7, "early-stopped", 1)):
+        r = runs.loc[cell]
+        assert {k: r[f"params.{k}"] for k in best.flat()} == \
+            {k: str(v) for k, v in {**best.flat(), "train.lr": lr}.items()}
+        assert r["tags.status"] == status and r["tags.budget"] == str(budget)
+        assert r["tags.node"] == node and r["tags.git_commit"] == HEAD
+        assert steps(client, r["run_id"]) == list(range(1, budget + 1))
+        assert pd.notna(r["metrics.test_acc"]) == (status == "completed")
 
 
 def test_errors_are_recorded_and_killed_trials_resume_from_their_checkpoint(tmp_path):
@@ -103,6 +192,16 @@ def test_errors_are_recorded_and_killed_trials_resume_from_their_checkpoint(tmp_
     assert set(table[table["status"] == "errored"]["cell"]) == {"train.lr=1e+30"}
     retried = [t for t in ExperimentAnalysis(str(study)).trials if t.trial_id in victim]
     assert retried[0].run_metadata.num_failures >= 1
+    # From its checkpoint, not from scratch: Ray's rows for the victim hold every epoch once; the
+    # first row from the new process restarted Ray's count since restore, one epoch after the
+    # last row the killed process wrote (its last checkpoint). A retry from scratch would report
+    # epoch 1 again.
+    rows = trial_results(study)[victim]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    pids = [r["pid"] for r in rows]
+    first_retried = next(i for i, p in enumerate(pids) if p != pid)
+    assert set(pids[:first_retried]) == {pid} and pid not in pids[first_retried:]
+    assert rows[first_retried]["iterations_since_restore"] == 1
 
     uri = f"sqlite:///{study / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -112,7 +211,10 @@ def test_errors_are_recorded_and_killed_trials_resume_from_their_checkpoint(tmp_
     assert len(errored) == 2 and (errored["status"] == "FAILED").all()
     assert errored["tags.error"].str.contains("TrainingDiverged").all()
     killed = runs[runs["tags.trial_id"] == retried[0].trial_id].iloc[0]
-    assert killed["tags.status"] == "completed" and steps(client, killed["run_id"]) == [1, 2, 3, 4]
+    assert killed["tags.status"] == "completed"
+    # and MLflow saw each epoch once: the epoch the kill interrupted was never reported, so the
+    # retry logs it for the first time
+    assert steps(client, killed["run_id"]) == [1, 2, 3, 4]
 
 
 def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path):
@@ -123,33 +225,50 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path):
     study = tmp_path / "runs" / "resume"
     driver = start(path, env=env_without_tracking())
 
+    # The trial folders under storage are Ray's synced snapshot of the driver's state: a row is
+    # there only once the experiment state that --resume restores has recorded it.
     def one_done_one_midway():
-        results = trial_results(study)
-        done = [f for f, r in results.items() if len(r) == 4]
-        midway = [f for f, r in results.items() if 1 <= len(r) < 4]
-        return (done, midway) if done and midway else None
-    done, midway = wait_for(one_done_one_midway, what="a finished and a running trial")
-    time.sleep(1.0)  # let the driver record both in its experiment state
+        counts = [len(r) for r in trial_results(study).values()]
+        return 4 in counts and any(1 <= n < 4 for n in counts)
+    wait_for(one_done_one_midway, what="a finished and a running trial")
     kill_tree(driver)
-    before = {f: len(r) for f, r in trial_results(study).items()}
+    before = trial_results(study)
+    done = [f for f, rows in before.items() if len(rows) == 4]
+    midway = [f for f, rows in before.items() if 1 <= len(rows) < 4]
+    assert done and midway
 
     out = run(path, "--resume", env=env_without_tracking())
     after = trial_results(study)
     table = pd.read_parquet(study / "trials.parquet")
     assert len(table) == 4 and (table["status"] == "completed").all(), out[-3000:]
     for folder in done:  # finished trials were not run again
-        assert len(after[folder]) == before[folder] == 4
+        assert after[folder] == before[folder]
     for folder in midway:  # unfinished trials went on from a checkpoint, not from scratch
-        assert after[folder][-1]["epoch"] == 4
-        assert len(after[folder]) < before[folder] + 4
+        kept, new = after[folder][:len(before[folder])], after[folder][len(before[folder]):]
+        assert kept == before[folder]
+        assert new[0]["pid"] != kept[-1]["pid"] and new[0]["iterations_since_restore"] == 1
+        # normally the epoch after the last recorded one; the same one again if the kill cut the
+        # sync between the rows and the state they belong to
+        assert 1 < new[0]["epoch"] <= kept[-1]["epoch"] + 1
+        assert [r["epoch"] for r in new] == list(range(new[0]["epoch"], 5))
 
     uri = f"sqlite:///{study / 'mlflow.db'}"
     client = MlflowClient(uri)
     runs = runs_of(uri, "resume")
     assert len(runs) == 4 and runs["tags.trial_id"].is_unique
     assert sorted(runs["tags.trial_id"]) == sorted(table["trial_id"])
+    # MLflow is written as results arrive, ahead of the snapshot: an epoch logged after the last
+    # recorded state is run again on resume and logged again. Honest is: every epoch present,
+    # and an epoch logged twice carries the same value twice (the same checkpoint, re-run).
     for run_id in runs["run_id"]:
-        assert steps(client, run_id) == [1, 2, 3, 4]
+        logged = {}
+        for m in client.get_metric_history(run_id, "val_acc"):
+            logged.setdefault(m.step, []).append(m.value)
+        assert sorted(logged) == [1, 2, 3, 4]
+        assert all(len(v) <= 2 and len(set(v)) == 1 for v in logged.values()), logged
+    finished = {before[f][0]["trial_id"] for f in done}
+    for run_id in runs[runs["tags.trial_id"].isin(finished)]["run_id"]:
+        assert steps(client, run_id) == [1, 2, 3, 4]  # finished before the kill: logged once
 
 
 @pytest.fixture
@@ -175,7 +294,10 @@ def mlflow_server(tmp_path):
         server.wait(timeout=30)
 
 
-def test_two_node_cluster_logging_to_an_mlflow_server(tmp_path, mlflow_server):
+def test_two_node_cluster_multi_objective_search_logging_to_an_mlflow_server(tmp_path,
+                                                                             mlflow_server):
+    """Two nodes, an MLflow server, and a search for the most accurate and the smallest model
+    at once, through Tune (which takes a single metric) into Optuna's multi-objective TPE."""
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
@@ -183,17 +305,30 @@ def test_two_node_cluster_logging_to_an_mlflow_server(tmp_path, mlflow_server):
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         d = experiment(tmp_path, name="cluster", scheduler={"type": "none"})
-        d["search"]["num_samples"] = 2
+        d["search"].update(num_samples=2, metric=["val_acc", "params"], mode=["max", "min"])
         run(write(tmp_path, d), "--address", cluster.address, "--tracking-uri", mlflow_server,
             env=env_without_tracking())
     finally:
         cluster.shutdown()
+    study = tmp_path / "runs" / "cluster"
+    table = pd.read_parquet(study / "trials.parquet").set_index("trial_id")
+    assert (table["status"] == "completed").all()
+    assert table["val_acc"].notna().all() and table["params"].notna().all()
+    # the searcher Tune saved is one Optuna study with both objectives, told both of each trial
+    searcher = pickle.loads(next(study.glob("searcher-state-*.pkl")).read_bytes())["_ot_study"]
+    assert searcher.directions == [optuna.study.StudyDirection.MAXIMIZE,
+                                   optuna.study.StudyDirection.MINIMIZE]
+    told = [tuple(t.values) for t in searcher.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(told) == sorted(zip(table["val_acc"], table["params"]))
+
     runs = runs_of(mlflow_server, "cluster")  # read back over HTTP
     assert len(runs) == 2 and (runs["tags.status"] == "completed").all()
     assert runs["tags.node"].nunique() == 2  # one trial on each node
     client = MlflowClient(mlflow_server)
-    for run_id in runs["run_id"]:
-        assert steps(client, run_id) == [1, 2]
-        assert [a.path for a in client.list_artifacts(run_id, "checkpoint")] == \
+    for _, r in runs.iterrows():
+        row = table.loc[r["tags.trial_id"]]
+        assert (r["metrics.val_acc"], r["metrics.params"]) == (row["val_acc"], row["params"])
+        assert steps(client, r["run_id"]) == [1, 2]
+        assert [a.path for a in client.list_artifacts(r["run_id"], "checkpoint")] == \
             ["checkpoint/model.pt"]
-    assert not (tmp_path / "runs" / "cluster" / "mlflow.db").exists()
+    assert not (study / "mlflow.db").exists()
