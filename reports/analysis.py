@@ -240,6 +240,9 @@ def ablation_effects(runs: pd.DataFrame) -> pd.DataFrame:
     base = full[full.cell == BASELINE]
     versus = pd.DataFrame([_versus_baseline(full[full.cell == c], base) for c in cells.index],
                           index=cells.index)
+    # every column, even where no cell could be tested (one seed each): the notebook reads them
+    versus = versus.reindex(columns=["test", "n_compared", "diff", "diff_low", "diff_high",
+                                     "p_value"])
     table = cells.join(versus)
     table["verdict"] = [_verdict(cell, row) for cell, row in table.iterrows()]
     order = sorted(table.index, key=lambda c: (c != BASELINE, c))

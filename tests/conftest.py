@@ -1,5 +1,12 @@
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+
 import pytest
 
+from studyutil import free_port, wait_for
 from tinyvit.config import Config
 
 # A model and data set small enough that a training epoch takes about a second on 2 CPU cores.
@@ -22,3 +29,27 @@ def tiny(tmp_path) -> dict:
 @pytest.fixture
 def tiny_cfg(tiny) -> Config:
     return Config.from_dict(tiny)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on loopback with a SQLite store, in its own process group."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+
+    def healthy():
+        try:
+            return urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200
+        except OSError:
+            return False
+    try:
+        wait_for(healthy, timeout=90, what="mlflow server")
+        yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

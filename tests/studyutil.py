@@ -18,6 +18,7 @@ def experiment(tmp_path, name="smoke", **sections) -> dict:
     d = yaml.safe_load((REPO / "experiments" / "smoke.yaml").read_text())
     d.update(name=name, storage=str(tmp_path / "runs"))
     d["data"]["cache_dir"] = str(tmp_path / "cache")
+    d["mlflow"] = {"report": False}  # a report build costs a study ~30 s: the tests that read one ask
     for key, value in sections.items():
         d[key] = value
     return d

@@ -1,12 +1,6 @@
 """MLflow as its users expect it, read back through MlflowClient from a real `mlflow server`:
 the study a parent run with its trials as children, runs named for what they are, the data set
 an input of every run, the best model logged, registered and loadable, the report attached."""
-import os
-import signal
-import subprocess
-import sys
-import urllib.request
-
 import mlflow
 import mlflow.pytorch
 import pandas as pd
@@ -14,39 +8,18 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from studyutil import env_without_tracking, experiment, free_port, run, wait_for, write
+from studyutil import env_without_tracking, experiment, run, write
 from tinyvit.config import Config
 from tinyvit.data import load_arrays
 
 
-@pytest.fixture
-def server(tmp_path):
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    uri = f"http://127.0.0.1:{port}"
-
-    def healthy():
-        try:
-            return urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200
-        except OSError:
-            return False
-    try:
-        wait_for(healthy, timeout=90, what="mlflow server")
-        yield uri
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-
-
-def test_a_study_in_mlflow_as_its_users_expect(tmp_path, server):
+def test_a_study_in_mlflow_as_its_users_expect(tmp_path, mlflow_server):
+    server = mlflow_server
     d = experiment(tmp_path, name="looks", mode="ablation", search=None,
                    scheduler={"type": "none"})
     d["ablation"] = {"factors": {"model.depth": [2, 1]}, "seeds": [0]}
     d["train"]["epochs"] = 1
+    d["mlflow"] = {"report": True}
     out = run(write(tmp_path, d), "--tracking-uri", server, env=env_without_tracking())
     client = MlflowClient(server)
     exp = client.get_experiment_by_name("looks")

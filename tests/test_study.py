@@ -4,8 +4,6 @@ import pickle
 import re
 import signal
 import subprocess
-import sys
-import urllib.request
 
 import optuna
 import pandas as pd
@@ -14,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from ray.tune import ExperimentAnalysis
 
-from studyutil import (REPO, env_without_tracking, experiment, free_port, kill_tree, run, start,
+from studyutil import (REPO, env_without_tracking, experiment, kill_tree, run, start,
                        trial_results, wait_for, write)
 from tinyvit.config import load
 
@@ -31,7 +29,8 @@ def runs_of(uri: str, name: str) -> pd.DataFrame:
                           **{f"tags.{k}": v for k, v in r.data.tags.items()},
                           **{f"params.{k}": v for k, v in r.data.params.items()},
                           **{f"metrics.{k}": v for k, v in r.data.metrics.items()}}
-                         for r in client.search_runs([experiment_id], max_results=1000)])
+                         for r in client.search_runs([experiment_id], max_results=1000)
+                         if r.data.tags.get("kind") == "trial"])  # not the study's parent run
 
 
 def steps(client, run_id, metric="val_acc") -> list[int]:
@@ -99,10 +98,13 @@ def test_smoke_study_its_report_and_an_ablation_around_its_best_config(tmp_path)
         has_ckpt = bool(client.list_artifacts(r["run_id"], "checkpoint"))
         assert has_ckpt == (row["status"] == "completed")
 
-    # its report, rebuilt from MLflow alone
-    from reports.build import build
-    report = build(["smoke"], uri, tmp_path / "report")
+    # its report, built from MLflow alone at the study's end and attached to the study's run
+    report = study / "report"
     assert (report / "report.html").stat().st_size > 10_000
+    parent = client.search_runs([client.get_experiment_by_name("smoke").experiment_id],
+                                "tags.kind = 'study'")
+    assert len(parent) == 1 and "report/report.html" in [
+        a.path for a in client.list_artifacts(parent[0].info.run_id, "report")]
     summary = pd.read_csv(report / "tables" / "summary.csv", index_col=0).iloc[:, 0]
     assert int(summary["trials"]) == 4
     assert int(summary["full-budget trials"]) == completed.sum()
@@ -120,7 +122,7 @@ def test_smoke_study_its_report_and_an_ablation_around_its_best_config(tmp_path)
     file_uri, env_uri, cli_uri = (f"sqlite:///{tmp_path / n}.db" for n in ("file", "env", "cli"))
     path = write(tmp_path, {
         "name": "around_best", "mode": "ablation", "base": str(best_path),
-        "storage": str(tmp_path / "runs"), "mlflow": {"tracking_uri": file_uri},
+        "storage": str(tmp_path / "runs"), "mlflow": {"tracking_uri": file_uri, "report": False},
         "ablation": {"factors": {"train.lr": [best.train.lr, 1.0e-7]}},
         "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
         "resources": {"cpu": 1, "max_concurrent": 1}}, "around_best.yaml")
@@ -269,29 +271,6 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path):
     finished = {before[f][0]["trial_id"] for f in done}
     for run_id in runs[runs["tags.trial_id"].isin(finished)]["run_id"]:
         assert steps(client, run_id) == [1, 2, 3, 4]  # finished before the kill: logged once
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    uri = f"http://127.0.0.1:{port}"
-
-    def healthy():
-        try:
-            return urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200
-        except OSError:
-            return False
-    try:
-        wait_for(healthy, timeout=90, what="mlflow server")
-        yield uri
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
 
 
 def test_two_node_cluster_multi_objective_search_logging_to_an_mlflow_server(tmp_path,
