@@ -238,9 +238,11 @@ def publish(plan: Plan, uri: str, identity: str, best_trial: str | None, report:
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=best.info.run_id):
         # the model takes images normalized with the training split's mean and std (metadata);
-        # tinyvit travels with it, so loading it needs no install of this project
+        # pickled with tinyvit beside it, so loading needs no install of this project and any
+        # batch size works (a pt2 export would fix the example's)
         info = mlflow.pytorch.log_model(
             model, name=c.MODEL, signature=signature, code_paths=[_package_dir()],
+            serialization_format="pickle",
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
             metadata={"mean": state["mean"], "std": state["std"], "study": plan.name})
     lines.append(f"model     best trial {best_trial}: {info.model_uri}")
