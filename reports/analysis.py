@@ -56,6 +56,8 @@ def load_runs(tracking_uri: str, experiment: str) -> pd.DataFrame:
     df["compute_seconds"] = df.run_id.map(seconds.sum()).fillna(0.0)
     # the median, not the last epoch: the first epoch pays for warm-up and compilation
     df["images_per_sec"] = df.run_id.map(speed.median())
+    if "n_params" in df:  # a count, though MLflow stores every metric as a float
+        df["n_params"] = df["n_params"].round().astype("Int64")
     return df.sort_values(["trial", "run_id"], ignore_index=True)
 
 
@@ -100,8 +102,11 @@ def _search_runs(tracking_uri: str, experiment: str) -> list:
                 break
     except MlflowException as e:
         raise ReportError(f"cannot read {tracking_uri}: {str(e).splitlines()[0]}") from None
+    # a study's own parent run (the trials are its children) is no trial: only trials carry
+    # the trial id
+    runs = [r for r in runs if c.TRIAL_ID in r.data.tags]
     if not runs:
-        raise ReportError(f"experiment {experiment!r} has no runs")
+        raise ReportError(f"experiment {experiment!r} has no trial runs (tag {c.TRIAL_ID!r})")
     missing = [f"metric {METRIC!r}"] if not any(METRIC in r.data.metrics for r in runs) else []
     missing += [f"tag {t!r}" for t in REQUIRED_TAGS if not any(t in r.data.tags for r in runs)]
     if missing:
@@ -135,9 +140,14 @@ def _row(run) -> dict:
 
 
 def _numeric_if_possible(col: pd.Series) -> pd.Series:
-    """MLflow keeps params as strings; a column becomes numeric only if every value parses."""
+    """MLflow keeps params as strings; a column becomes numeric only if every value parses.
+    Integers stay integers where a trial lacks the key (a conditional one): pandas would make
+    them floats to hold the gap, and a reader would see depth 4.0."""
     converted = pd.to_numeric(col, errors="coerce")
-    return converted if converted.notna().sum() == col.notna().sum() else col
+    if converted.notna().sum() != col.notna().sum():
+        return col
+    integers = col.dropna().astype(str).str.fullmatch(r"[+-]?\d+").all()
+    return converted.astype("Int64") if integers and converted.hasnans else converted
 
 
 def early_stopped(runs: pd.DataFrame) -> pd.DataFrame:
@@ -244,6 +254,8 @@ def ablation_effects(runs: pd.DataFrame) -> pd.DataFrame:
     versus = versus.reindex(columns=["test", "n_compared", "diff", "diff_low", "diff_high",
                                      "p_value"])
     table = cells.join(versus)
+    if "n_compared" in table:  # a count, missing on the baseline row
+        table["n_compared"] = table["n_compared"].astype("Int64")
     table["verdict"] = [_verdict(cell, row) for cell, row in table.iterrows()]
     order = sorted(table.index, key=lambda c: (c != BASELINE, c))
     return table.loc[order]

@@ -7,6 +7,9 @@ One experiment gives a study report (study_report.py), several a side-by-side co
 (comparison_report.py). The jupytext source is converted, given its parameters in a cell
 injected after the one tagged `parameters`, executed with nbclient, and written to OUT as
 report.ipynb and report.html beside the figures/*.png and tables/*.csv the notebook saves.
+The HTML shows prose, tables and figures, not code; the notebook keeps the code. Neither names
+a folder of the machine that built them: paths in the repository are written relative to it,
+the home folder as ~, and a store or output folder elsewhere by its last name alone.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from nbconvert import HTMLExporter
 from reports.analysis import ReportError, check_experiment
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent  # where the kernel runs
 CELL_TIMEOUT = 600  # seconds; the slowest cell loads a checkpoint and the test images
 # the kernel draws headless, and a saved report has no use for progress bars: MLflow's would
 # log every download, tqdm's (imported by optuna) would ask for Jupyter widgets
@@ -55,13 +59,15 @@ def build(experiments: list[str], tracking_uri: str, out: str | Path | None = No
     # the kernel runs from the repository root so that `import reports` finds this package;
     # its log stays quiet about the loopback connection to this process (not encrypted)
     client = NotebookClient(notebook, kernel_name="python3", timeout=CELL_TIMEOUT,
-                            resources={"metadata": {"path": str(HERE.parent)}},
+                            resources={"metadata": {"path": str(ROOT)}},
                             extra_arguments=["--IPKernelApp.log_level=ERROR"])
     try:
         client.execute(env={**os.environ, **KERNEL_ENV})
     finally:  # a notebook that failed half-way is the best account of why
+        notebook = without_local_paths(notebook, [_local_path(tracking_uri), out])
         nbformat.write(notebook, out / "report.ipynb")
-    html, _ = HTMLExporter().from_notebook_node(notebook)
+    html, _ = HTMLExporter(exclude_input=True).from_notebook_node(
+        notebook, resources={"metadata": {"name": " vs ".join(experiments)}})  # the page title
     (out / "report.html").write_text(html, encoding="utf-8")
     written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()
                      and p.stat().st_mtime >= started
@@ -83,6 +89,36 @@ def _remove_previous_build(out: Path) -> None:
     for folder in OWN_FOLDERS:
         if (out / folder).is_dir() and not any((out / folder).iterdir()):
             (out / folder).rmdir()
+
+
+def without_local_paths(notebook: nbformat.NotebookNode,
+                        elsewhere: list[Path | None]) -> nbformat.NotebookNode:
+    """The notebook, sources and outputs, with no absolute path of this machine: the kernel
+    needed them, a report read or committed elsewhere must not carry them. `elsewhere` are
+    the store and output folder the build was given, shown as .../<name> if outside the
+    repository."""
+    shown = {str(p): f"\N{HORIZONTAL ELLIPSIS}/{p.name}" for p in elsewhere
+             if p is not None and p.is_absolute() and not p.is_relative_to(ROOT)}
+    shown |= {f"{ROOT}{os.sep}": "", str(ROOT): "."}
+    if len(Path.home().parts) > 1:  # a home of / would match every path
+        shown |= {f"{Path.home()}{os.sep}": "~/", str(Path.home()): "~"}
+    text = nbformat.writes(notebook)
+    for path in sorted(shown, key=len, reverse=True):  # a folder before the folder holding it
+        # whole names only: /a/b must not match inside /x/a/b, /a/bc or /a/b.d (a sentence may
+        # end right after it)
+        end = "" if path.endswith(os.sep) else r"(?![\w-]|\.\w)"
+        text = re.sub(r"(?<![\w.-])" + re.escape(path) + end, lambda _, new=shown[path]: new,
+                      text)
+    return nbformat.reads(text, as_version=nbformat.NO_CONVERT)
+
+
+def _local_path(tracking_uri: str) -> Path | None:
+    """The file or folder of a local MLflow store (sqlite:///, file://, a plain path); None for
+    a server."""
+    for scheme in ("sqlite:///", "file://"):
+        if tracking_uri.startswith(scheme):
+            return Path(tracking_uri.removeprefix(scheme))
+    return None if "://" in tracking_uri else Path(tracking_uri)
 
 
 def inject_parameters(notebook: nbformat.NotebookNode, **params) -> None:

@@ -2,20 +2,24 @@
 give back the planted means, intervals, effects and rankings; the CLI must fail in one line."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import nbformat
 import pandas as pd
 import pytest
 import torch
+from bs4 import BeautifulSoup
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+import contract
 from reports import analysis
-from reports.build import build, main
+from reports.build import build, main, without_local_paths
 from tinyvit.config import Config
 from tinyvit.model import TinyViT
 
@@ -25,11 +29,14 @@ T_975 = {1: 12.706205, 2: 4.302653, 3: 3.182446}  # Student t quantiles, by degr
 
 
 def log_trial(client, experiment_id, trial, params, accs, *, status="completed", seed=0,
-              mode="search", searched="model.depth,model.heads,model.pos_embedding", cell=None):
-    """One trial as the study runner logs it: params, per-epoch metrics, and the tags."""
-    tags = {"study": "s", "mode": mode, "trial_id": trial, "seed": str(seed),
+              mode="search", searched="model.depth,model.heads,model.pos_embedding", cell=None,
+              parent=None):
+    """One trial as the study runner logs it: params, per-epoch metrics, and the tags; a child
+    of the study's run `parent` if given."""
+    tags = {"study": "s", "study_id": "s-1", "mode": mode, "trial_id": trial, "seed": str(seed),
             "budget": str(len(accs)), "max_epochs": str(EPOCHS), "status": status,
-            "searched": searched, **({"cell": cell} if cell else {})}
+            "searched": searched, **({"cell": cell} if cell else {}),
+            **({"mlflow.parentRunId": parent} if parent else {})}
     run = client.create_run(experiment_id, run_name=trial, tags=tags)
     params = {"train.epochs": EPOCHS, "train.seed": seed, "data.source": "synthetic", **params}
     metrics = [Metric(key, value, 0, epoch) for epoch, acc in enumerate(accs, start=1)
@@ -91,18 +98,24 @@ def store(tmp_path_factory):
     new = lambda name: client.create_experiment(name, (tmp / "artifacts").as_uri())  # noqa: E731
 
     search = new("search")
+    # the study's own run, parent of its trials, as the runner logs it: no trial id; a best
+    # val_acc above every trial's, so that counting it as a trial would show
+    study = client.create_run(search, run_name="search", tags={
+        "study": "s", "study_id": "s-1", "mode": "search"}).info.run_id
+    client.log_metric(study, "val_acc", 0.99)
     for i, t in enumerate(SEARCH):
         params = {k: v for k, v in t.items() if k != "final"}
-        run_id = log_trial(client, search, f"trial_{i:02d}", params, curve(t["final"]))
+        run_id = log_trial(client, search, f"trial_{i:02d}", params, curve(t["final"]),
+                           parent=study)
         if i == len(SEARCH) - 1:  # the best trial
             client.log_artifact(run_id, tiny_checkpoint(tmp / "model.pt", tmp / "cache"),
                                 "checkpoint")
     # early-stopped trials with truncated accuracies far below every final one
     for i, depth in enumerate((2, 4, 6)):
         log_trial(client, search, f"trial_es{i}", {"model.depth": depth, "model.heads": 2,
-                  "model.pos_embedding": "learned"}, [0.05], status="early-stopped")
+                  "model.pos_embedding": "learned"}, [0.05], status="early-stopped", parent=study)
     log_trial(client, search, "trial_err", {"model.depth": 2, "model.heads": 2,
-              "model.pos_embedding": "none"}, [], status="errored")
+              "model.pos_embedding": "none"}, [], status="errored", parent=study)
 
     ablation = new("ablation")
     for cell, seeds in ABLATION.items():
@@ -112,15 +125,18 @@ def store(tmp_path_factory):
                       cell=cell)
 
     running = new("running")  # no trial has finished yet
-    for i, depth in enumerate((2, 4)):
+    for i, depth in enumerate((2, 4)):  # data.subset set in one trial only, like a conditional key
         log_trial(client, running, f"trial_{i}", {"model.depth": depth, "model.heads": 2,
-                  "model.pos_embedding": "none"}, [0.3, 0.4], status="running")
+                  "model.pos_embedding": "none", **({"data.subset": 500} if i else {})},
+                  [0.3, 0.4], status="running")
     log_trial(client, running, "trial_es", {"model.depth": 2, "model.heads": 2,
               "model.pos_embedding": "none"}, [0.2], status="early-stopped")
 
     new("empty")
     no_metric = new("no-metric")
-    client.create_run(no_metric, run_name="t0", tags={"status": "completed"})
+    client.create_run(no_metric, run_name="t0", tags={"trial_id": "t0", "status": "completed"})
+    parent_only = new("parent-only")  # a study whose first trial has not started
+    client.create_run(parent_only, run_name="parent-only", tags={"study": "parent-only"})
     return uri
 
 
@@ -271,6 +287,9 @@ def test_a_running_study_has_no_final_accuracies_yet(store):
     assert analysis.pareto_front(runs).empty
     assert analysis.importances(runs, ["model.depth"]).empty
     assert analysis.study_summary(runs)["status: running"] == 2
+    # an integer key a trial lacks stays an integer: 500, not 500.0
+    assert runs["data.subset"].dtype == "Int64" and runs["data.subset"].tolist()[:2] == [pd.NA,
+                                                                                       500]
 
 
 def test_comparison_side_by_side(store, tmp_path):
@@ -290,7 +309,8 @@ def test_unknown_experiment_fails_in_one_line(store):
     assert done.stderr.strip().splitlines() == [f"error: no experiment named 'nope' at {store}"]
 
 
-@pytest.mark.parametrize("experiment, missing", [("empty", "has no runs"),
+@pytest.mark.parametrize("experiment, missing", [("empty", "has no trial runs"),
+                                                 ("parent-only", "has no trial runs"),
                                                  ("no-metric", "metric 'val_acc'")])
 def test_unusable_experiment_exits_2_naming_what_is_missing(store, capsys, experiment, missing):
     assert main(["--experiment", experiment, "--tracking-uri", store]) == 2
@@ -327,3 +347,88 @@ def test_readme_results_are_written_from_report_tables(tmp_path):
     assert "| t1 | 4 | 0.6123 | 0.6000 |" in text
     assert "| model.pos_embedding=none | 3 | 0.4500 [0.4300, 0.4700] | -0.0500 [-0.0700, -0.0300]" \
         in text
+
+
+def shown_tables(html: str) -> list[pd.DataFrame]:
+    """The tables of a report's HTML as a reader sees them: every cell the text shown."""
+    tables = []
+    for node in BeautifulSoup(html, "html.parser").find_all("table", class_="dataframe"):
+        header = [th.get_text(strip=True) for th in node.thead.find("tr").find_all("th")]
+        rows = [[td.get_text(strip=True) for td in tr.find_all("td")]
+                for tr in node.tbody.find_all("tr")]
+        # index cells span rows, so each row is matched to the header from the right
+        width = max(map(len, rows), default=0)
+        tables.append(pd.DataFrame(rows, columns=header[len(header) - width:]))
+    return tables
+
+
+COUNTS = ("n", "n_params", "n_compared", "n_early_stopped", "trials", "budget", "epoch")
+SOURCE_LINES = ("import pandas as pd", "from reports import analysis", "save_table(")
+
+
+def test_report_html_shows_outputs_not_code(search_report, ablation_report):
+    for out, study in ((search_report, "search"), (ablation_report, "ablation")):
+        html = (out / "report.html").read_text()
+        body = BeautifulSoup(html, "html.parser").body
+        assert not body.select(".jp-CodeCell .jp-InputArea, .highlight"), out
+        assert not any(line in body.get_text() for line in SOURCE_LINES), out
+        assert shown_tables(html) and "<img" in html  # the outputs are all still there
+        assert body.parent.title.get_text() == study  # the page's title
+        notebook = (out / "report.ipynb").read_text()  # the notebook keeps the code
+        assert all(line in notebook for line in SOURCE_LINES)
+
+
+def test_counts_print_as_integers(search_report, ablation_report):
+    """Parameter counts come from MLflow as floats, and a count column with a gap turns float
+    in pandas: neither may show as 6000.0, in the report or in its tables."""
+    for out, depths in ((search_report, (2, 4, 6)), (ablation_report, (1,))):
+        html = shown_tables((out / "report.html").read_text())
+        saved = [pd.read_csv(p, dtype=str, keep_default_na=False)
+                 for p in (out / "tables").glob("*.csv")]
+        checked = 0
+        for shown in html + saved:
+            for col in [c for c in shown.columns if c in COUNTS]:
+                values = shown[col][~shown[col].isin(["", "<NA>", "all"])]
+                assert values.str.fullmatch(r"\d+").all(), (out, col, values.tolist())
+                checked += len(values)
+        assert checked > 20
+        best = next(t for t in html if "n_params" in t and "trial" in t)
+        assert set(best.n_params) <= {str(1000 * d) for d in depths}  # as log_trial logs them
+    summary = table(search_report, "summary", index_col=0, dtype=str).iloc[:, 0]
+    assert summary["trials"] == str(len(SEARCH) + 4)
+    paired = table(ablation_report, "ablation", index_col="cell", dtype=str).n_compared.dropna()
+    assert paired.to_dict() == {cell: str(len(seeds.keys() & ABLATION["baseline"].keys()))
+                                for cell, seeds in ABLATION.items() if cell != "baseline"}
+
+
+def test_the_study_run_is_not_a_trial(store, search_report):
+    """The runner's parent run of a study carries the study's tags but no trial id: it must
+    not be counted, ranked or charted as a trial."""
+    runs = analysis.load_runs(store, "search")
+    assert runs[contract.TRIAL_ID].notna().all() and "search" not in set(runs.trial)
+    summary = table(search_report, "summary", index_col=0).iloc[:, 0]
+    assert int(summary["trials"]) == len(SEARCH) + 4
+    assert float(summary["best val_acc"]) == pytest.approx(max(t["final"] for t in SEARCH))
+    html = (search_report / "report.html").read_text()
+    assert f"{len(SEARCH) + 4} trials, {len(SEARCH)} at full budget" in html
+
+
+def test_reports_name_no_folder_of_the_machine(store, search_report, ablation_report,
+                                              tmp_path_factory):
+    """The store and the output folder lie outside the repository here: the saved report shows
+    them by name, and nothing under the test's temporary folder or the repository's path."""
+    machine = [str(tmp_path_factory.getbasetemp()), str(ROOT)]
+    for out in (search_report, ablation_report):
+        for name in ("report.html", "report.ipynb"):
+            text = (out / name).read_text()
+            assert not [p for p in machine if p in text], (out, name)
+        assert "sqlite:///\N{HORIZONTAL ELLIPSIS}/mlflow.db" in (out / "report.html").read_text()
+    assert str(store).startswith("sqlite:///" + machine[0])  # else this test checks nothing
+
+
+def test_paths_in_the_repository_are_shown_relative():
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(
+        f"at sqlite:///{ROOT}/runs/x/mlflow.db, out {ROOT}/reports/out/x; {ROOT}2/y; "
+        f"/srv{ROOT}/z")])
+    text = without_local_paths(notebook, [ROOT / "runs/x/mlflow.db"]).cells[0].source
+    assert text == f"at sqlite:///runs/x/mlflow.db, out reports/out/x; {ROOT}2/y; /srv{ROOT}/z"
