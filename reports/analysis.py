@@ -135,8 +135,9 @@ def _row(run) -> dict:
     tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}
     # the metric `params` is the parameter count: renamed so it cannot be read as a config
     metrics = {("n_params" if k == "params" else k): v for k, v in run.data.metrics.items()}
-    return {"run_id": run.info.run_id, "trial": run.info.run_name,
-            **tags, **run.data.params, **metrics}
+    # a trial is named by its id: run names say what a trial is, and two may say the same
+    trial = run.data.tags.get(c.TRIAL_ID, run.info.run_name)
+    return {"run_id": run.info.run_id, "trial": trial, **tags, **run.data.params, **metrics}
 
 
 def _numeric_if_possible(col: pd.Series) -> pd.Series:
