@@ -2,7 +2,7 @@
 give back the planted means, intervals, effects and rankings; the CLI must fail in one line."""
 from __future__ import annotations
 
-import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -269,11 +269,26 @@ def test_learning_curves_average_seeds(ablation_report):
     assert curves[curves.group == "baseline"].epoch.tolist() == [1, 2, 3]
 
 
-def test_rebuild_gives_identical_tables(store, ablation_report, tmp_path):
+def test_rebuild_gives_identical_tables_and_removes_only_its_own_files(store, ablation_report,
+                                                                       tmp_path):
+    """A build into a folder that holds a previous build and the user's own files: what the
+    previous build wrote and this one does not is gone, the user's files are not."""
+    shutil.copytree(ablation_report, tmp_path / "again")
+    mine = [tmp_path / "again" / name for name in ("notes.txt", "figures/mine.png",
+                                                    "tables/mine.csv", "data/keep.csv")]
+    for path in mine:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("the user's")
+    stale = tmp_path / "again" / "tables" / "dropped_section.csv"
+    stale.write_text("written by the previous build")
+    manifest = tmp_path / "again" / ".report-files"
+    manifest.write_text(manifest.read_text() + "tables/dropped_section.csv\n")
     again = build(["ablation"], store, tmp_path / "again")
+    assert all(path.read_text() == "the user's" for path in mine) and not stale.exists()
+    assert "tables/dropped_section.csv" not in (again / ".report-files").read_text()
     names = sorted(p.name for p in (ablation_report / "tables").glob("*.csv"))
     assert "importance.csv" in names  # the forest is seeded
-    assert names == sorted(p.name for p in (again / "tables").glob("*.csv"))
+    assert names == sorted(p.name for p in (again / "tables").glob("*.csv") if p != mine[2])
     for name in names:
         assert (again / "tables" / name).read_bytes() == \
             (ablation_report / "tables" / name).read_bytes(), name

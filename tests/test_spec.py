@@ -34,7 +34,7 @@ def test_constraints_filter_choices_and_conditions_gate_parameters(tmp_path):
     d = spec_dict(tmp_path)
     d["model"]["embed_dim"] = 48
     d["search"]["space"] = {
-        "model.heads": {"choice": [2, 3, 4, 6, 8]},
+        "model.heads": {"choice": [2, 3, 4, 5, 6, 8]},  # 5 does not divide 48
         "model.pos_embedding": {"choice": ["learned", "rope2d"]},
         "model.rope_base": {"loguniform": [10, 1000], "when": "model.pos_embedding == 'rope2d'"},
     }
@@ -47,9 +47,10 @@ def test_constraints_filter_choices_and_conditions_gate_parameters(tmp_path):
     for _ in range(60):
         v = spec.design.suggest(study.ask())
         seen_heads.add(v["model.heads"])
-        assert 48 % v["model.heads"] == 0  # 3 and 6 divide 48 too; 8 does, 5 is not offered
+        assert 48 % v["model.heads"] == 0  # the first constraint removed 5
         if v["model.pos_embedding"] == "rope2d":
             seen_rope += 1
+            # the second removed rope2d where heads is 8 (6 channels a head: no pair per axis)
             assert (48 // v["model.heads"]) % 4 == 0 and "model.rope_base" in v
         else:
             assert "model.rope_base" not in v

@@ -299,12 +299,14 @@ def test_what_the_cluster_can_never_provide_is_refused_before_any_trial(tmp_path
     refused(r, "--address 127.0.0.1:9")
 
 
-@pytest.mark.parametrize("data, needle", [
-    ({"val_size": 2000}, "leaves no training images"),
-    ({"source": "imagefolder", "root": "/nonexistent/folder"}, "/nonexistent/folder"),
+@pytest.mark.parametrize("section, values, needle", [
+    ("data", {"val_size": 2000}, "leaves no training images"),
+    ("data", {"source": "imagefolder", "root": "/nonexistent/folder"}, "/nonexistent/folder"),
+    ("model", {"image_size": 64}, "32x32 but model.image_size=64"),
+    ("model", {"num_classes": 5}, "10 classes"),
 ])
-def test_data_that_cannot_train_is_refused_before_ray(tmp_path, data, needle):
+def test_data_that_cannot_train_is_refused_before_ray(tmp_path, section, values, needle):
     d = experiment(tmp_path)
-    d["data"].update(data)
+    d[section].update(values)
     refused(cli(write(tmp_path, d)), needle)
     assert not (tmp_path / "runs").exists()

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from .config import DataConfig
 
@@ -182,21 +183,24 @@ def _read_split(folder: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
     if not classes:
         raise DataError(f"{folder} holds no class folders (expected {folder}/<class>/*.jpg)")
-    images, labels = [], []
+    listed = []
     for label, name in enumerate(classes):
         files = [Path(p) for p, _ in _files(folder / name)
                  if os.path.splitext(p)[1].lower() in IMAGE_SUFFIXES]
         if not files:  # a class the model is asked to learn but never shown
             raise DataError(f"class folder {folder / name} holds no images "
                             f"(expected {', '.join(IMAGE_SUFFIXES)} files)")
-        for p in files:
-            try:
-                with Image.open(p) as im:
-                    images.append(np.asarray(im.convert("RGB")))
-            except (OSError, SyntaxError, ValueError) as e:  # PIL's ways of saying "broken file"
-                raise DataError(f"image {p} cannot be decoded ({e}); expected a readable "
-                                "PNG or JPEG file") from None
-        labels += [label] * len(files)
+        listed += [(p, label) for p in files]
+    images, labels = [], [label for _, label in listed]
+    # the first decode of CIFAR-10 takes a minute or more on a small CPU: show it on a terminal
+    for p, _ in tqdm(listed, desc=f"decoding {folder.name} (once, then cached)", unit="img",
+                     disable=None, leave=False):
+        try:
+            with Image.open(p) as im:
+                images.append(np.asarray(im.convert("RGB")))
+        except (OSError, SyntaxError, ValueError) as e:  # PIL's ways of saying "broken file"
+            raise DataError(f"image {p} cannot be decoded ({e}); expected a readable "
+                            "PNG or JPEG file") from None
     if len({im.shape for im in images}) != 1:
         raise DataError(f"images under {folder} differ in size; expected one size")
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
