@@ -17,8 +17,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-COPIED = ("tinyvit", "study", "reports", "tests", "experiments", "pyproject.toml")
+COPIED = ("tinyvit", "study", "reports", "tests", "experiments", "contract.py", "pyproject.toml")
 MODEL, TRAIN, CONFIG = "tests/test_model.py", "tests/test_train.py", "tests/test_config.py"
+# the experiment-file checks of the trust suite, without its real studies and CLI runs
+PLAN = ["tests/test_trust.py", "tests/test_spec.py", "-k",
+        "not strange_name and not cluster and not data_that_cannot and not exploit and not "
+        "resume and not dotted_set and not aliases and not cli and not dry_run"]
 
 # name, file, exact old text, new text, tests to run
 MUTATIONS = [
@@ -94,6 +98,24 @@ MUTATIONS = [
     ("conv-stem-without-batchnorm", "tinyvit/model.py", "nn.BatchNorm2d(c_out), ", "", [MODEL]),
     ("min-lr-above-lr-accepted", "tinyvit/config.py", "self.min_lr < 0 or self.min_lr > self.lr",
      "self.min_lr < 0", [CONFIG]),
+    ("nan-accepted", "tinyvit/config.py", "if not math.isfinite(number):", "if False:", PLAN),
+    ("expression-admits-anything", "study/expr.py",
+     "        else:\n            self._refuse(f\"'{ast.unparse(node)}'\")", "", PLAN),
+    ("expression-compares-text-with-numbers", "study/expr.py",
+     "if _kind(left) != _kind(other):", "if False:", PLAN),
+    ("condition-ignored", "study/space.py", "if p.when and not p.when({**self.base, **values}):",
+     "if False:", PLAN),
+    ("condition-on-a-later-key-accepted", "study/space.py",
+     "if named in space and named not in params:", "if False:", PLAN),
+    ("repeated-seeds-accepted", "study/space.py", "if len(set(seeds)) != len(seeds):",
+     "if False:", PLAN),
+    ("repeated-levels-accepted", "study/space.py",
+     "twice = [v for i, v in enumerate(coerced) if v in coerced[:i]]", "twice = []", PLAN),
+    ("compared-keys-searchable", "study/spec.py", "for key in FIXED_KEYS:", "for key in ():",
+     PLAN),
+    ("grace-above-epochs-accepted", "study/spec.py",
+     'if scheduler["grace_period"] > config.train.epochs:', "if False:", PLAN),
+    ("nan-objective-ranked", "study/results.py", "full.loc[finite]", "full", PLAN),
 ]
 
 
