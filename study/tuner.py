@@ -4,11 +4,14 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
+import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import ray
 from ray import tune
+from ray.exceptions import AuthenticationError
 from ray.tune import CheckpointConfig, FailureConfig, RunConfig
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
@@ -94,13 +97,41 @@ def _connect(address: str | None) -> None:
         except OSError as e:
             raise SpecError(f"--address {address}: nothing answers there ({e}); start the "
                             "cluster with `ray start --head` or leave --address out") from None
+    # A cluster with token auth refuses a driver without its token, and ray.init retries that
+    # for 20 s, each try a line on fd 2 (from C++). The port answered, so one try tells (Ray's
+    # own setting of the count, for this call only, unless the user set it); what Ray writes to
+    # fd 2 meanwhile is held back and shown only if the driver joins: a refusal is one line.
+    wait = "RAY_gcs_server_port_wait_time_s"
+    ours = wait not in os.environ
+    os.environ.setdefault(wait, "1")
+    stderr, held = os.dup(2), tempfile.TemporaryFile()
+    os.dup2(held.fileno(), 2)
     try:
         ray.init(address=address, logging_level="WARNING")
-    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise SpecError(f"--address {address}: cannot join the Ray cluster ({first}); is "
-                        "`ray start --head` running there, and does this shell have its auth "
-                        "token?") from None
+        error = None
+    except (ConnectionError, RuntimeError, ValueError, TimeoutError, AuthenticationError) as e:
+        error = e
+    finally:
+        sys.stderr.flush()
+        os.dup2(stderr, 2)
+        os.close(stderr)
+        if ours:
+            del os.environ[wait]
+    with held:
+        if error is None:
+            held.seek(0)
+            os.write(2, held.read())
+            return
+    # RAY_AUTH_MODE=token with no token anywhere: AuthenticationError from ray.init itself; a
+    # token the head refuses, or none sent: a ConnectionError whose cause quotes the head's
+    if any(isinstance(c, AuthenticationError) or "AuthenticationError" in str(c)
+           for c in (error, error.__cause__)):
+        raise SpecError(f"--address {address}: the cluster refused this driver's auth token "
+                        "(missing or wrong); set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN to the "
+                        "head's token (`ray get-auth-token` on the head)")
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    raise SpecError(f"--address {address}: cannot join the Ray cluster ({first}); is "
+                    "`ray start --head` running there?")
 
 
 def _prepare_tracking(uri: str, plan: Plan) -> str:

@@ -1,0 +1,110 @@
+"""The README's cluster recipe on one machine: a head and a worker node started by `ray start`
+with token authentication, a study driven from a shell that has the head's token, and the same
+study refused in one line from a shell that has not."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from studyutil import REPO, free_port, run
+
+RAY = str(Path(sys.executable).with_name("ray"))  # the CLI of the Ray the tests import
+AUTH = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+def shell(**extra) -> dict:
+    """A user's shell: no cluster or tracking server named, no Ray token unless given."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", *AUTH)}
+    return {**env, "RAY_USAGE_STATS_ENABLED": "0", **extra}
+
+
+def stop(temp_dir: str) -> None:
+    """`ray stop --force` for this cluster only: `ray stop` kills every Ray process on the
+    machine, other tests' included. This cluster's daemons carry options into temp_dir
+    (`--log_dir=TEMP_DIR/session_...`); its worker processes are their children."""
+    daemons = [p for p in psutil.process_iter(["cmdline"])
+               if any(a.startswith("--") and f"={temp_dir}" in a for a in p.info["cmdline"] or ())]
+    family = {p for d in daemons for p in [d, *d.children(recursive=True)]}
+    for p in family:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=30)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """(address, token) of a two-node cluster, 1 CPU per node, token auth on."""
+    # the token as the README obtains it on the head (kept in $HOME/.ray/auth_token there)
+    home = tmp_path / "head-home"
+    token = subprocess.run([RAY, "get-auth-token", "--generate"], capture_output=True, text=True,
+                           check=True, env=shell(HOME=str(home))).stdout
+    assert token and token == (home / ".ray" / "auth_token").read_text()
+    env = shell(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    # the cluster's own folder, so that it can be stopped alone; short: Ray's socket paths
+    # under it must fit in 107 characters
+    temp_dir = tempfile.mkdtemp(prefix="ray-")
+    address = f"127.0.0.1:{free_port()}"
+    try:
+        for args in (["--head", f"--port={address.split(':')[1]}", f"--temp-dir={temp_dir}"],
+                     [f"--address={address}"]):
+            r = subprocess.run([RAY, "start", *args, "--num-cpus=1"], env=env,
+                               capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr[-3000:]
+        yield address, token
+    finally:
+        stop(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_the_readme_cluster_recipe_with_token_auth(tmp_path, cluster):
+    address, token = cluster
+
+    def study(folder):
+        return ["experiments/smoke.yaml", "--address", address, "--set", "search.num_samples=2",
+                "--set", "scheduler.type=none", "--set", "train.epochs=1",
+                "--set", f"storage={tmp_path / folder}",
+                "--set", f"data.cache_dir={tmp_path / folder / 'cache'}"]
+
+    # from a shell without the token, started first: it is refused while the study runs
+    refused = subprocess.Popen([sys.executable, "-m", "study.run", *study("refused")], cwd=REPO,
+                               env=shell(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+
+    def seconds_to_refuse():
+        refused.stdout.readline()  # the plan's first line, printed before Ray is imported
+        t = time.monotonic()
+        refused.wait(timeout=120)
+        return time.monotonic() - t
+
+    with ThreadPoolExecutor(1) as pool:
+        refusal = pool.submit(seconds_to_refuse)
+        run(*study("runs"), env=shell(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token))
+        seconds = refusal.result()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'smoke' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    assert [r.data.tags["status"] for r in runs] == ["completed", "completed"]
+    # each node has 1 CPU and a trial takes 1: the two trials at once ran one on each node
+    nodes = {r.data.tags["node"] for r in runs}
+    assert len(nodes) == 2 and "" not in nodes, nodes
+
+    stderr = refused.stderr.read()
+    assert refused.returncode == 2, stderr[-3000:]
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.startswith(f"error: --address {address}: the cluster refused"), stderr
+    assert "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN" in stderr, stderr
+    assert not (tmp_path / "refused" / "smoke").exists()  # refused before the study folder
+    # Ray alone retries a refused token for 20 s; the driver tries once (importing Ray and
+    # Tune takes the rest)
+    assert seconds < 15, seconds
