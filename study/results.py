@@ -74,5 +74,6 @@ def summarize(plan: Plan, table: pd.DataFrame, uri: str) -> str:
                   top[["trial_id", *dict.fromkeys(cols)]].to_string(index=False, float_format="%.4f")]
     lines += [f"table     {plan.path / 'trials.parquet'} (and .csv)",
               f"best      {plan.path / 'best_config.yaml'}",
-              f"mlflow ui --backend-store-uri {uri}"]
+              f"mlflow ui --backend-store-uri {uri}",
+              "          then the experiment's runs: 'Model training' at the UI's top left"]
     return "\n".join(lines)

@@ -8,6 +8,7 @@ touches the runs of another study that shares its name.
 """
 from __future__ import annotations
 
+import getpass
 import hashlib
 import json
 import subprocess
@@ -88,9 +89,13 @@ class MlflowTrials(tune.Callback):
         self.uri, self.plan, self.dataset = uri, plan, dataset
         self.experiment = experiment_of(uri, plan)
         self._pending, self._experiment_id, self._parent = experiment, None, None
+        commit = git_commit()
         self.tags = {c.STUDY: plan.name, c.STUDY_ID: identity, c.MODE: plan.design.mode,
                      c.SEARCHED: ",".join(plan.design.searched), c.RESULTS: str(plan.path),
-                     c.GIT_COMMIT: git_commit()}
+                     c.GIT_COMMIT: commit,
+                     # what MLflow's UI shows as a run's source, user and version
+                     "mlflow.source.name": "python -m study.run", "mlflow.source.type": "LOCAL",
+                     "mlflow.source.git.commit": commit, "mlflow.user": getpass.getuser()}
         self.client, self.runs = None, {}
 
     def __getstate__(self):  # Tuner pickles its callbacks: a restored one looks its ids up again
@@ -224,6 +229,7 @@ def publish(plan: Plan, uri: str, identity: str, best_trial: str | None, report:
     if report is not None:
         client.log_artifacts(parent, str(report), c.REPORT_DIR)
         lines.append(f"report    attached to the study's run, artifacts {c.REPORT_DIR}/")
+    client.set_terminated(parent, "FINISHED")  # the study's run lasts until its report is in
     best = next((r for r in own if r.data.tags.get(c.TRIAL_ID) == best_trial), None)
     if best is None:
         return lines
@@ -236,7 +242,7 @@ def publish(plan: Plan, uri: str, identity: str, best_trial: str | None, report:
     with torch.no_grad():
         signature = infer_signature(example.numpy(), model(example).numpy())
     mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=best.info.run_id):
+    with mlflow.start_run(run_id=best.info.run_id):  # reopened: its end time is restored below
         # the model takes images normalized with the training split's mean and std (metadata);
         # pickled with tinyvit beside it, so loading needs no install of this project and any
         # batch size works (a pt2 export would fix the example's)
@@ -245,6 +251,7 @@ def publish(plan: Plan, uri: str, identity: str, best_trial: str | None, report:
             serialization_format="pickle",
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
             metadata={"mean": state["mean"], "std": state["std"], "study": plan.name})
+    client.set_terminated(best.info.run_id, "FINISHED", end_time=best.info.end_time)
     lines.append(f"model     best trial {best_trial}: {info.model_uri}")
     try:
         version = mlflow.register_model(info.model_uri, plan.experiment)

@@ -13,7 +13,7 @@ from tinyvit.config import Config
 from tinyvit.data import load_arrays
 
 
-def test_a_study_in_mlflow_as_its_users_expect(tmp_path, mlflow_server):
+def test_a_study_in_mlflow_as_its_users_expect(tmp_path, mlflow_server, monkeypatch):
     server = mlflow_server
     d = experiment(tmp_path, name="looks", mode="ablation", search=None,
                    scheduler={"type": "none"})
@@ -48,10 +48,11 @@ def test_a_study_in_mlflow_as_its_users_expect(tmp_path, mlflow_server):
     assert len(versions) == 1
     best_run = next(r for r in trials if r.data.tags["trial_id"] == best["trial_id"])
     assert versions[0].run_id == best_run.info.run_id
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)  # set_tracking_uri exports it: undone after
     mlflow.set_tracking_uri(server)
     model = mlflow.pytorch.load_model("models:/looks/1").eval()
     info = mlflow.models.get_model_info("models:/looks/1")
-    assert info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == [-1, 3, 32, 32]
+    assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 3, 32, 32]
     cfg = Config.from_dict({"data": d["data"]})
     arrays = load_arrays(cfg.data)
     mean = torch.tensor(info.metadata["mean"]).view(1, 3, 1, 1)

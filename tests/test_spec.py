@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from study.spec import SpecError, parse_plan
+from studyutil import env_without_tracking
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,7 +23,8 @@ def spec_dict(tmp_path, **extra) -> dict:
 
 def run_cli(*args, cwd=REPO):
     return subprocess.run([sys.executable, "-m", "study.run", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd, timeout=120)
+                          capture_output=True, text=True, cwd=cwd, timeout=120,
+                          env=env_without_tracking())
 
 
 def test_shipped_experiment_files_are_valid():
