@@ -161,8 +161,9 @@ def test_smoke_study_its_report_and_an_ablation_around_its_best_config(tmp_path)
     for cell, lr, status, budget in (("baseline", best.train.lr, "completed", 2),
                                      ("train.lr=1e-07", 1.0e-7, "early-stopped", 1)):
         r = runs.loc[cell]
+        # threads: null in a best_config.yaml means the trial's CPUs, not every core of the node
         assert {k: r[f"params.{k}"] for k in best.flat()} == \
-            {k: str(v) for k, v in {**best.flat(), "train.lr": lr}.items()}
+            {k: str(v) for k, v in {**best.flat(), "train.lr": lr, "train.threads": 1}.items()}
         assert r["tags.status"] == status and r["tags.budget"] == str(budget)
         assert r["tags.node"] == node and r["tags.git_commit"] == HEAD
         assert steps(client, r["run_id"]) == list(range(1, budget + 1))
