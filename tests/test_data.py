@@ -145,7 +145,7 @@ def test_cifar10_offline_names_the_folder_and_the_way_out(tmp_path):
     except OSError:
         pass
     cfg = Config.from_dict({"data": {"source": "cifar10", "cache_dir": str(tmp_path / "c")}})
-    with pytest.raises(DataError, match="data.root") as e:
+    with pytest.raises(DataError, match="--set data.source=imagefolder --set data.root=PATH") as e:
         load_arrays(cfg.data)
     assert str(tmp_path / "c" / "cifar10") in str(e.value)
 

@@ -149,8 +149,9 @@ def _cifar10(cfg: DataConfig) -> Arrays:
     except Exception as e:  # offline: URLError, socket timeouts, partial archives
         raise DataError(
             f"CIFAR-10 is not in {root} and could not be downloaded ({type(e).__name__}: {e}); "
-            "set data.root to a folder holding cifar-10-batches-py, or use "
-            "data.source=imagefolder with data.root=<folder with train/ and test/>") from None
+            "point at a copy: --set data.source=imagefolder --set data.root=PATH (a folder "
+            "with train/ and test/, or a .tar.gz of one), or --set data.root=DIR (a folder "
+            "holding cifar-10-batches-py)") from None
     as_tensor = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()  # noqa: E731
     return Arrays(as_tensor(train.data), torch.tensor(train.targets), as_tensor(test.data),
                   torch.tensor(test.targets), list(train.classes))
