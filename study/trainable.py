@@ -29,7 +29,7 @@ def run_trial(config: dict, plan: Plan, arrays) -> None:
     def on_epoch(metrics: dict, state) -> None:
         with tempfile.TemporaryDirectory() as folder:
             save_checkpoint(state(), Path(folder) / CHECKPOINT_FILE)
-            tune.report({**metrics, "node_id": node},
+            tune.report({**metrics, "node_id": node, "max_epochs": cfg.train.epochs},
                         checkpoint=tune.Checkpoint.from_directory(folder))
 
     fit(cfg, arrays, on_epoch, resume=resume)

@@ -10,6 +10,9 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import ray
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
 from ray import tune
 from ray.exceptions import AuthenticationError
 from ray.tune import CheckpointConfig, FailureConfig, RunConfig
@@ -22,6 +25,7 @@ from .trainable import run_trial
 # resources.gpu: auto gives each trial this share of a GPU where the cluster has GPUs: a tiny
 # ViT leaves most of a GPU idle, so several trials share one
 AUTO_GPU_SHARE = 0.25
+OPTUNA_JOURNAL = "optuna.log"  # the search's Optuna study, in the study folder
 
 
 def run_study(plan: Plan, uri: str, arrays, address: str | None, identity: str, resume: bool,
@@ -147,8 +151,13 @@ def _tune_config(plan: Plan) -> tune.TuneConfig:
     single = len(design.metrics) == 1
     objective = ({"metric": design.metrics[0], "mode": design.modes[0]} if single
                  else {"metric": design.metrics, "mode": design.modes})
-    search_alg = (OptunaSearch(space=design.suggest, seed=design.seed, **objective)
-                  if design.mode == "search" else None)
+    search_alg = None
+    if design.mode == "search":
+        # Optuna's own storage beside the study: optuna-dashboard opens it, and a resumed
+        # study's sampler goes on with its whole history
+        storage = JournalStorage(JournalFileBackend(str(plan.path / OPTUNA_JOURNAL)))
+        search_alg = BudgetAwareOptuna(space=design.suggest, seed=design.seed,
+                                       study_name=plan.name, storage=storage, **objective)
     scheduler = None
     if plan.scheduler["type"] == "asha":  # the plan makes sure the objective is single here
         scheduler = ASHAScheduler(time_attr="epoch", max_t=plan.epochs,
@@ -161,6 +170,24 @@ def _tune_config(plan: Plan) -> tune.TuneConfig:
                            num_samples=design.trial_count() if search_alg else 1,
                            max_concurrent_trials=plan.resources["max_concurrent"],
                            reuse_actors=True)
+
+
+class BudgetAwareOptuna(OptunaSearch):
+    """OptunaSearch, but a trial the scheduler stopped before its last epoch reaches Optuna as
+    PRUNED (with the epochs it reported as intermediate values), not as COMPLETE with a
+    truncated accuracy: TPE then ranks it below completed trials by the step it reached, as it
+    does for Optuna's own pruners, and importance reads completed full-budget trials only."""
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        stopped = (result and not error and trial_id not in self._completed_trials
+                   and result.get("epoch", 0) < result.get("max_epochs", 0))
+        if not stopped:
+            return super().on_trial_complete(trial_id, result, error)
+        # the result the scheduler stopped on reaches the searcher here alone, not as a result
+        self.on_trial_result(trial_id, result)
+        # Optuna keeps the last intermediate value as a pruned trial's value, with its step
+        self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
+        self._completed_trials.add(trial_id)
 
 
 def _run_config(plan: Plan, uri: str, identity: str, arrays, experiment: Future) -> RunConfig:
