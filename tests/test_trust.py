@@ -310,3 +310,30 @@ def test_data_that_cannot_train_is_refused_before_ray(tmp_path, section, values,
     d[section].update(values)
     refused(cli(write(tmp_path, d)), needle)
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("gpu, nodes, expected", [
+    ("auto", [{"CPU": 8, "GPU": 2}, {"CPU": 8}], {"cpu": 1, "gpu": 0.25}),
+    ("auto", [{"CPU": 2}], {"cpu": 1, "gpu": 0}),
+    (0.5, [{"CPU": 2, "GPU": 1}], {"cpu": 1, "gpu": 0.5}),
+    (0.25, [{"CPU": 2}], "no node of the cluster has them"),
+    (1, [{"CPU": 1, "GPU": 0.5}], "no node of the cluster has them"),
+])
+def test_resources_adapt_to_the_cluster_or_are_refused(tmp_path, gpu, nodes, expected):
+    from study.tuner import trial_resources
+    plan = plan_of(tmp_path, resources={"cpu": 1, "gpu": gpu})
+    if isinstance(expected, str):
+        with pytest.raises(SpecError, match=expected):
+            trial_resources(plan, nodes)
+        return
+    resources, note = trial_resources(plan, nodes)
+    assert resources == expected
+    assert ("auto ->" in note) == (gpu == "auto")
+
+
+def test_cuda_asked_of_a_cluster_without_gpus_is_refused(tmp_path):
+    from study.tuner import trial_resources
+    d = experiment(tmp_path, resources={"cpu": 1, "gpu": "auto"})
+    d["train"]["device"] = "cuda"
+    with pytest.raises(SpecError, match="train.device=cuda but the cluster has no GPU"):
+        trial_resources(parse_plan(d), [{"CPU": 2}])
