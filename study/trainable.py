@@ -11,7 +11,7 @@ from pathlib import Path
 import ray
 from ray import tune
 
-from contract import CHECKPOINT_FILE
+from contract import CHECKPOINT_FILE, MAX_EPOCHS
 from tinyvit.train import fit, load_checkpoint, save_checkpoint
 
 from .spec import Plan
@@ -29,7 +29,7 @@ def run_trial(config: dict, plan: Plan, arrays) -> None:
     def on_epoch(metrics: dict, state) -> None:
         with tempfile.TemporaryDirectory() as folder:
             save_checkpoint(state(), Path(folder) / CHECKPOINT_FILE)
-            tune.report({**metrics, "node_id": node, "max_epochs": cfg.train.epochs},
+            tune.report({**metrics, "node_id": node, MAX_EPOCHS: cfg.train.epochs},
                         checkpoint=tune.Checkpoint.from_directory(folder))
 
     fit(cfg, arrays, on_epoch, resume=resume)

@@ -19,6 +19,8 @@ from ray.tune import CheckpointConfig, FailureConfig, RunConfig
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from contract import MAX_EPOCHS
+
 from .spec import Plan, SpecError, record_start
 from .trainable import run_trial
 
@@ -180,7 +182,7 @@ class BudgetAwareOptuna(OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         stopped = (result and not error and trial_id not in self._completed_trials
-                   and result.get("epoch", 0) < result.get("max_epochs", 0))
+                   and result.get("epoch", 0) < result.get(MAX_EPOCHS, 0))
         if not stopped:
             return super().on_trial_complete(trial_id, result, error)
         # the result the scheduler stopped on reaches the searcher here alone, not as a result
