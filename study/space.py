@@ -20,6 +20,7 @@ from tinyvit.config import KEYS, Config, ConfigError, apply_overrides, coerce, k
 from .expr import Expr, ExprError
 
 KINDS = ("choice", "int", "uniform", "loguniform")
+OBJECTIVES = ("val_acc", "val_loss", "train_loss", "train_acc", "params", "images_per_sec")
 
 
 class SpaceError(ValueError):
@@ -192,9 +193,6 @@ def parse_search(raw: dict, base: dict, where: str = "search") -> Search:
             raise SpaceError(f"{where}.mode {short(m)} is not one of max, min")
     return Search(params, parsed, base, _int(raw.get("num_samples", 8), f"{where}.num_samples", 1),
                   _int(raw.get("seed", 0), f"{where}.seed", 0), metrics, modes)
-
-
-OBJECTIVES = ("val_acc", "val_loss", "train_loss", "train_acc", "params", "images_per_sec")
 
 
 def _param(key: str, dist, where: str) -> Param:
