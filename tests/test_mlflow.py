@@ -1,6 +1,6 @@
 """MLflow as its users expect it, read back through MlflowClient from a real `mlflow server`:
 the study a parent run with its trials as children, runs named for what they are, the data set
-an input of every run, the best model logged, registered and loadable, the report attached."""
+an input of every run, the best model logged, registered and loadable."""
 import mlflow
 import mlflow.pytorch
 import pandas as pd
@@ -19,7 +19,6 @@ def test_a_study_in_mlflow_as_its_users_expect(tmp_path, mlflow_server, monkeypa
                    scheduler={"type": "none"})
     d["ablation"] = {"factors": {"model.depth": [2, 1]}, "seeds": [0]}
     d["train"]["epochs"] = 1
-    d["mlflow"] = {"report": True}
     out = run(write(tmp_path, d), "--tracking-uri", server, env=env_without_tracking())
     client = MlflowClient(server)
     exp = client.get_experiment_by_name("looks")
@@ -61,7 +60,4 @@ def test_a_study_in_mlflow_as_its_users_expect(tmp_path, mlflow_server, monkeypa
         logits = model((arrays.test_x.float() / 255 - mean) / std)
     accuracy = (logits.argmax(1) == arrays.test_y).float().mean().item()
     assert accuracy == pytest.approx(best["test_acc"], abs=1 / len(arrays.test_y))
-
-    # the report, attached to the study's run
-    attached = [a.path for a in client.list_artifacts(parent.info.run_id, "report")]
-    assert "report/report.html" in attached and "registry  looks version 1" in out
+    assert "registry  looks version 1" in out  # (the attached report: the smoke study's test)
