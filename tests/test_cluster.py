@@ -9,8 +9,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+import optuna
+import pandas as pd
 import psutil
 import pytest
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
 from mlflow.tracking import MlflowClient
 
 from studyutil import REPO, free_port, run
@@ -72,7 +76,8 @@ def test_the_readme_cluster_recipe_with_token_auth(tmp_path, cluster):
     def study(folder):
         return ["experiments/smoke.yaml", "--address", address, "--set", "search.num_samples=2",
                 "--set", "scheduler.type=none", "--set", "train.epochs=1",
-                "--set", "mlflow.report=false",
+                "--set", "mlflow.report=false", "--set", "search.metric=[val_acc,params]",
+                "--set", "search.mode=[max,min]",
                 "--set", f"storage={tmp_path / folder}",
                 "--set", f"data.cache_dir={tmp_path / folder / 'cache'}"]
 
@@ -90,6 +95,22 @@ def test_the_readme_cluster_recipe_with_token_auth(tmp_path, cluster):
     # each node has 1 CPU and a trial takes 1: the two trials at once ran one on each node
     nodes = {r.data.tags["node"] for r in runs}
     assert len(nodes) == 2 and "" not in nodes, nodes
+
+    # the most accurate and the smallest model at once, through Tune (which takes a single
+    # metric) into Optuna's multi-objective TPE, told both values of each trial
+    study = tmp_path / "runs" / "smoke"
+    table = pd.read_parquet(study / "trials.parquet").set_index("trial_id")
+    storage = JournalStorage(JournalFileBackend(str(study / "optuna.log")))
+    optuna_study = optuna.load_study(study_name="smoke", storage=storage)
+    assert optuna_study.directions == [optuna.study.StudyDirection.MAXIMIZE,
+                                       optuna.study.StudyDirection.MINIMIZE]
+    told = [tuple(t.values) for t in optuna_study.trials
+            if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(told) == sorted(zip(table["val_acc"], table["params"]))
+    for r in runs:
+        row = table.loc[r.data.tags["trial_id"]]
+        assert (r.data.metrics["val_acc"], r.data.metrics["params"]) == \
+            (row["val_acc"], row["params"])
 
     stderr = refused.stderr.read()
     assert refused.returncode == 2, stderr[-3000:]

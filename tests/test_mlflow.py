@@ -33,6 +33,10 @@ def test_a_study_in_mlflow_as_its_users_expect(tmp_path, mlflow_server, monkeypa
     assert parent.data.params["model.depth"] == "2"  # the fixed config of the study
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in trials)
     assert sorted(r.info.run_name for r in trials) == ["baseline seed 0", "model.depth=1 seed 0"]
+    for r in trials:  # the checkpoints, through the server's artifact store
+        assert [a.path for a in client.list_artifacts(r.info.run_id, "checkpoint")] == \
+            ["checkpoint/model.pt"]
+    assert not (tmp_path / "runs" / "looks" / "mlflow.db").exists()  # no store of its own
 
     # the data set: one digest, on the study's run and on every trial's
     digests = {i.dataset.digest for r in [parent, *trials] for i in r.inputs.dataset_inputs}

@@ -1,11 +1,9 @@
 """Real studies on real Ray clusters, logging to real MLflow stores: the product end to end."""
 import os
-import pickle
 import re
 import signal
 import subprocess
 
-import optuna
 import pandas as pd
 import psutil
 import pytest
@@ -273,43 +271,3 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path):
     finished = {before[f][0]["trial_id"] for f in done}
     for run_id in runs[runs["tags.trial_id"].isin(finished)]["run_id"]:
         assert steps(client, run_id) == [1, 2, 3, 4]  # finished before the kill: logged once
-
-
-def test_two_node_cluster_multi_objective_search_logging_to_an_mlflow_server(tmp_path,
-                                                                             mlflow_server):
-    """Two nodes, an MLflow server, and a search for the most accurate and the smallest model
-    at once, through Tune (which takes a single metric) into Optuna's multi-objective TPE."""
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    try:
-        cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        d = experiment(tmp_path, name="cluster", scheduler={"type": "none"})
-        d["search"].update(num_samples=2, metric=["val_acc", "params"], mode=["max", "min"])
-        run(write(tmp_path, d), "--address", cluster.address, "--tracking-uri", mlflow_server,
-            env=env_without_tracking())
-    finally:
-        cluster.shutdown()
-    study = tmp_path / "runs" / "cluster"
-    table = pd.read_parquet(study / "trials.parquet").set_index("trial_id")
-    assert (table["status"] == "completed").all()
-    assert table["val_acc"].notna().all() and table["params"].notna().all()
-    # the searcher Tune saved is one Optuna study with both objectives, told both of each trial
-    searcher = pickle.loads(next(study.glob("searcher-state-*.pkl")).read_bytes())["_ot_study"]
-    assert searcher.directions == [optuna.study.StudyDirection.MAXIMIZE,
-                                   optuna.study.StudyDirection.MINIMIZE]
-    told = [tuple(t.values) for t in searcher.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert sorted(told) == sorted(zip(table["val_acc"], table["params"]))
-
-    runs = runs_of(mlflow_server, "cluster")  # read back over HTTP
-    assert len(runs) == 2 and (runs["tags.status"] == "completed").all()
-    assert runs["tags.node"].nunique() == 2  # one trial on each node
-    client = MlflowClient(mlflow_server)
-    for _, r in runs.iterrows():
-        row = table.loc[r["tags.trial_id"]]
-        assert (r["metrics.val_acc"], r["metrics.params"]) == (row["val_acc"], row["params"])
-        assert steps(client, r["run_id"]) == [1, 2]
-        assert [a.path for a in client.list_artifacts(r["run_id"], "checkpoint")] == \
-            ["checkpoint/model.pt"]
-    assert not (study / "mlflow.db").exists()
