@@ -200,13 +200,14 @@ def test_a_study_touches_only_its_own_runs_and_a_strange_name_works(tmp_path):
     study = tmp_path / "runs" / name
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     client = MlflowClient(uri)
-    earlier = client.create_run(client.create_experiment(name), run_name="00000000", tags={
+    # its own artifact location: MLflow's default is ./mlruns of whatever folder runs the test
+    experiment_id = client.create_experiment(name, (tmp_path / "artifacts").as_uri())
+    earlier = client.create_run(experiment_id, run_name="00000000", tags={
         "study": name, "study_id": "earlier", "trial_id": "00000000", "results": str(study),
         "status": "completed", "budget": "1", "max_epochs": "1"})
     client.log_metric(earlier.info.run_id, "val_acc", 0.99, step=1)
 
     run(write(tmp_path, d), "--tracking-uri", uri, env=env_without_tracking())
-    experiment_id = client.get_experiment_by_name(name).experiment_id
     runs = client.search_runs([experiment_id])
     assert client.get_run(earlier.info.run_id).info.lifecycle_stage == "active"
     mine = [r for r in runs if r.data.tags["study_id"] != "earlier"]
