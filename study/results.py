@@ -20,14 +20,13 @@ def trial_table(plan: Plan) -> tuple[pd.DataFrame, dict[str, Config]]:
     rows, configs = [], {}
     for trial in analysis.trials:
         cfg = configs[trial.trial_id] = plan.trial_config(trial.config)
-        overrides = plan.design.overrides(trial.config)
+        unsampled = set(plan.design.searched) - set(plan.sampled(trial.config))
         last = trial.last_result or {}
         history = analysis.trial_dataframes.get(trial.trial_id)
         budget = int(last.get("epoch", 0))
         status = c.ERRORED if trial.status == "ERROR" else c.trial_status(budget, cfg.train.epochs)
         best = history["val_acc"].max() if history is not None and "val_acc" in history else None
-        values = {k: (None if k in plan.design.searched and k not in overrides else v)
-                  for k, v in cfg.flat().items()}
+        values = {k: None if k in unsampled else v for k, v in cfg.flat().items()}
         rows.append({"trial_id": trial.trial_id, c.CELL: plan.design.cell(trial.config),
                      c.STATUS: status, c.BUDGET: budget, c.MAX_EPOCHS: cfg.train.epochs,
                      "val_acc": last.get("val_acc"), "best_val_acc": best,

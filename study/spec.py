@@ -45,7 +45,8 @@ class SpecError(ValueError):
 class Plan:
     name: str
     design: Search | Ablation
-    base: dict  # nested model/data/train config every trial starts from, validated
+    base: dict  # nested model/data/train config every trial starts from
+    config: Config  # the base, validated
     storage: Path  # absolute: Ray workers chdir into their trial folders
     scheduler: dict
     resources: dict
@@ -61,16 +62,18 @@ class Plan:
         return self.storage / self.name
 
     @property
-    def config(self) -> Config:
-        return Config.from_dict(self.base)
-
-    @property
     def epochs(self) -> int:
         return self.config.train.epochs
 
     def trial_config(self, config: dict) -> Config:
         """The config one trial trains: the base with its overrides (Ray's `config`)."""
         return Config.from_dict(apply_overrides(self.base, self.design.overrides(config)))
+
+    def sampled(self, config: dict) -> list[str]:
+        """The searched keys this trial has values for: a conditional key whose `when` was
+        false is no factor level of it (absent from its MLflow params and its table row)."""
+        overrides = self.design.overrides(config)
+        return [k for k in self.design.searched if k in overrides]
 
     def describe(self, uri: str, address: str | None) -> str:
         r, s = self.resources, self.scheduler
@@ -180,7 +183,7 @@ def parse_plan(raw: dict) -> Plan:
         if scheduler["grace_period"] > config.train.epochs:
             raise SpecError(f"scheduler.grace_period={scheduler['grace_period']} is above "
                             f"train.epochs={config.train.epochs}: ASHA would never stop a trial")
-    return Plan(name=name, design=design, base=base,
+    return Plan(name=name, design=design, base=base, config=Config.from_dict(base),
                 storage=Path(storage).expanduser().resolve(), scheduler=scheduler,
                 resources=resources, tracking_uri=ml.get("tracking_uri"),
                 experiment=ml.get("experiment") or name,

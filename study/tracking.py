@@ -145,8 +145,7 @@ class MlflowTrials(tune.Callback):
             self.client.update_run(run_id, status="RUNNING")
         else:
             cfg = self.plan.trial_config(trial.config)
-            overrides = self.plan.design.overrides(trial.config)
-            sampled = [k for k in self.plan.design.searched if k in overrides]
+            sampled = self.plan.sampled(trial.config)
             tags = {**self.tags, c.TRIAL_ID: trial.trial_id, c.SEED: str(cfg.train.seed),
                     c.MAX_EPOCHS: str(cfg.train.epochs), c.BUDGET: "0", c.STATUS: c.RUNNING,
                     c.SAMPLED: ",".join(sampled), c.PARENT: self.parent_id,
@@ -157,7 +156,6 @@ class MlflowTrials(tune.Callback):
             run_id = self.client.create_run(self.experiment_id,
                                             run_name=run_name(self.plan, trial.config),
                                             tags=tags).info.run_id
-            # a conditional key this trial did not sample is no factor level of it: not logged
             unsampled = set(self.plan.design.searched) - set(sampled)
             self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in cfg.flat().items()
                                                   if k not in unsampled])
