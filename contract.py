@@ -21,6 +21,8 @@ NODE = "node"
 RESULTS = "results"  # the study's folder (Ray results, table, best config)
 GIT_COMMIT = "git_commit"
 ERROR = "error"  # errored trials: the last line of the traceback
+MIN_EFFECT = "min_effect"  # ablation: the smallest val_acc difference the study cares about
+RUNGS = "asha_rungs"  # search with ASHA: the epochs at which it compared trials, e.g. "1,2,4"
 
 PARENT = "mlflow.parentRunId"  # MLflow's own nesting: every trial's run is a child of the study's
 RUN_KIND = "kind"  # STUDY_RUN for the study's parent run, TRIAL_RUN for a trial's

@@ -52,6 +52,7 @@ class Search:
     metrics: list[str]
     modes: list[str]
     mode = "search"
+    budgets = ()  # every trial trains train.epochs (ASHA may stop it sooner)
 
     @property
     def searched(self) -> list[str]:
@@ -121,6 +122,11 @@ class Ablation:
     seeds: list[int]
     design: str
     factors: dict = field(default_factory=dict)
+    # a budget ladder: every cell and seed trained at each of these epoch counts, each a whole
+    # training with its own schedule, so the report can say whether an effect holds as training
+    # lengthens; empty: every trial trains train.epochs
+    budgets: list[int] = field(default_factory=list)
+    min_effect: float = 0.01  # the smallest val_acc difference the study cares about
     mode = "ablation"
     metrics = ["val_acc"]
     modes = ["max"]
@@ -130,21 +136,26 @@ class Ablation:
         return list(self.factors)
 
     def trial_count(self) -> int:
-        return len(self.cells) * len(self.seeds)
+        return len(self.cells) * len(self.seeds) * max(1, len(self.budgets))
 
     def plan_line(self) -> str:
-        return (f"ablation  {len(self.cells)} cells ({self.design}) x seeds {self.seeds}: "
+        ladder = f" x budgets {self.budgets} epochs" if self.budgets else ""
+        return (f"ablation  {len(self.cells)} cells ({self.design}) x seeds {self.seeds}{ladder}: "
                 + "; ".join(c.name for c in self.cells))
 
     def param_space(self) -> dict:
         from ray import tune
 
-        return {"cell": tune.grid_search([c.name for c in self.cells]),
-                "train.seed": tune.grid_search(self.seeds)}
+        space = {"cell": tune.grid_search([c.name for c in self.cells]),
+                 "train.seed": tune.grid_search(self.seeds)}
+        if self.budgets:
+            space["train.epochs"] = tune.grid_search(self.budgets)
+        return space
 
     def overrides(self, config: dict) -> dict:
         cell = next(c for c in self.cells if c.name == config["cell"])
-        return {**cell.overrides, "train.seed": config["train.seed"]}
+        budget = {"train.epochs": config["train.epochs"]} if self.budgets else {}
+        return {**cell.overrides, "train.seed": config["train.seed"], **budget}
 
     def cell(self, config: dict) -> str:
         return config["cell"]
@@ -219,7 +230,7 @@ def _param(key: str, dist, where: str) -> Param:
             raise SpaceError(f"{where}.int: {key} takes {value_type.__name__} values; use choice")
         if not isinstance(args, list) or len(args) != 2:
             raise SpaceError(f"{where}.{kind} must be [low, high], got {short(args)}")
-        args = [_number(a, f"{where}.{kind}", integer=kind == "int") for a in args]
+        args = [_number(a, f"{where}.{kind} bounds", integer=kind == "int") for a in args]
         if not args[0] < args[1]:
             raise SpaceError(f"{where}.{kind} must be [low, high] with low < high, got {args}")
         if kind == "loguniform" and args[0] <= 0:
@@ -252,6 +263,20 @@ def parse_ablation(raw: dict, base: dict) -> Ablation:
                          f"got {short(seeds)}")
     if len(set(seeds)) != len(seeds):  # a seed run twice is counted twice: a false n
         raise SpaceError(f"ablation.seeds lists a seed twice: {seeds}")
+    budgets = raw.get("budgets") or []
+    if not isinstance(budgets, list) or (budgets and (len(budgets) < 2 or not all(
+            isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in budgets))):
+        raise SpaceError(f"ablation.budgets must be a list of at least two epoch counts >= 1, "
+                         f"got {short(budgets)}")
+    if len(set(budgets)) != len(budgets):
+        raise SpaceError(f"ablation.budgets lists a budget twice: {budgets}")
+    if budgets and "train.epochs" in factors:
+        raise SpaceError("train.epochs cannot be an ablation factor when ablation.budgets is "
+                         "given: the budgets are the epochs")
+    min_effect = _number(raw.get("min_effect", 0.01), "ablation.min_effect", integer=False)
+    if not 0 < min_effect < 1:
+        raise SpaceError(f"ablation.min_effect is a val_acc difference in (0, 1), e.g. 0.01 for "
+                         f"one point, got {min_effect}")
     flat_base = Config.from_dict(base).flat()
     levels, chosen = {}, {}
     for key, values in factors.items():
@@ -281,7 +306,7 @@ def parse_ablation(raw: dict, base: dict) -> Ablation:
         changed = {k: v for k, v in combo.items() if v != chosen[k]}
         name = ",".join(f"{k}={v}" for k, v in changed.items()) if changed else "baseline"
         cells.append(Cell(name, combo))
-    return Ablation(cells, seeds, design, levels)
+    return Ablation(cells, seeds, design, levels, sorted(budgets), min_effect)
 
 
 def validate_trials(design: Search | Ablation, base: dict, draws: int = 64) -> None:
@@ -289,7 +314,10 @@ def validate_trials(design: Search | Ablation, base: dict, draws: int = 64) -> N
     accepts. Catches what per-key checks cannot: bad combinations."""
     if isinstance(design, Ablation):
         for cell in design.cells:
-            _validate(base, cell.overrides, f"ablation cell '{cell.name}'")
+            for budget in design.budgets or [None]:
+                epochs = {"train.epochs": budget} if budget else {}
+                _validate(base, {**cell.overrides, **epochs}, f"ablation cell '{cell.name}'"
+                          + (f" at {budget} epochs" if budget else ""))
         return
     import optuna
 
@@ -340,8 +368,8 @@ def _number(value, where: str, integer: bool):
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok or value != value or value in (float("inf"),
                                                                          float("-inf")):
-        kind = "integers" if integer else "finite numbers"
-        raise SpaceError(f"{where} bounds must be {kind}, got {short(value)}")
+        kind = "an integer" if integer else "a finite number"
+        raise SpaceError(f"{where}: expected {kind}, got {short(value)}")
     return value
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+import contract as c
 from tinyvit.config import (Config, ConfigError, apply_overrides, parse_override, read_yaml,
                             set_dotted, short)
 
@@ -24,7 +25,7 @@ from .space import Ablation, Search, SpaceError, parse_ablation, parse_search, v
 TOP_KEYS = {"name", "mode", "base", "model", "data", "train", "search", "ablation", "scheduler",
             "resources", "mlflow", "storage", "max_failures"}
 SEARCH_KEYS = {"num_samples", "metric", "mode", "seed", "space", "constraints"}
-ABLATION_KEYS = {"factors", "design", "baseline", "seeds"}
+ABLATION_KEYS = {"factors", "design", "baseline", "seeds", "budgets", "min_effect"}
 SCHEDULER_KEYS = {"type", "grace_period", "reduction_factor"}
 RESOURCE_KEYS = {"cpu", "gpu", "max_concurrent"}
 MLFLOW_KEYS = {"tracking_uri", "experiment", "report"}
@@ -63,7 +64,8 @@ class Plan:
 
     @property
     def epochs(self) -> int:
-        return self.config.train.epochs
+        """A trial's most epochs: train.epochs, or the longest budget of an ablation's ladder."""
+        return max(self.design.budgets or [self.config.train.epochs])
 
     def trial_config(self, config: dict) -> Config:
         """The config one trial trains: the base with its overrides (Ray's `config`)."""
@@ -74,6 +76,26 @@ class Plan:
         false is no factor level of it (absent from its MLflow params and its table row)."""
         overrides = self.design.overrides(config)
         return [k for k in self.design.searched if k in overrides]
+
+    def rungs(self) -> list[int]:
+        """The epochs at which ASHA compares trials (Ray's rule: grace_period x
+        reduction_factor^k below the last epoch); none without ASHA."""
+        s = self.scheduler
+        if s["type"] != "asha":
+            return []
+        rungs, t = [], s["grace_period"]
+        while t < self.epochs:
+            rungs.append(t)
+            t *= s["reduction_factor"]
+        return rungs
+
+    def analysis_tags(self) -> dict:
+        """What the report needs to know of the study beyond its trials' own values."""
+        tags = {c.MIN_EFFECT: str(self.design.min_effect)} if self.design.mode == "ablation" \
+            else {}
+        if self.rungs():
+            tags[c.RUNGS] = ",".join(map(str, self.rungs()))
+        return tags
 
     def describe(self, uri: str, address: str | None) -> str:
         r, s = self.resources, self.scheduler
@@ -177,6 +199,9 @@ def parse_plan(raw: dict) -> Plan:
 
     scheduler = _scheduler(_section(raw, "scheduler", SCHEDULER_KEYS))
     if scheduler["type"] == "asha":
+        if design.budgets:
+            raise SpecError("scheduler.type=asha with ablation.budgets: a ladder trains every "
+                            "cell to each budget; use scheduler.type: none")
         if len(design.metrics) > 1:
             raise SpecError("scheduler.type=asha needs a single search.metric; multi-objective "
                             "searches run with scheduler.type=none")

@@ -69,7 +69,8 @@ def run_name(plan: Plan, config: dict) -> str:
     overrides = plan.design.overrides(config)
     cell = plan.design.cell(config)
     if cell is not None:
-        return f"{cell} seed {overrides['train.seed']}"
+        ladder = f" {overrides['train.epochs']} epochs" if plan.design.budgets else ""
+        return f"{cell} seed {overrides['train.seed']}{ladder}"
     shown = (f"{k.split('.', 1)[1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.', 1)[1]}={v}"
              for k, v in overrides.items() if k in plan.design.searched)
     return " ".join(shown)[:250]
@@ -92,7 +93,7 @@ class MlflowTrials(tune.Callback):
         commit = git_commit()
         self.tags = {c.STUDY: plan.name, c.STUDY_ID: identity, c.MODE: plan.design.mode,
                      c.SEARCHED: ",".join(plan.design.searched), c.RESULTS: str(plan.path),
-                     c.GIT_COMMIT: commit,
+                     c.GIT_COMMIT: commit, **plan.analysis_tags(),
                      # what MLflow's UI shows as a run's source, user and version
                      "mlflow.source.name": "python -m study.run", "mlflow.source.type": "LOCAL",
                      "mlflow.source.git.commit": commit, "mlflow.user": getpass.getuser()}
