@@ -56,3 +56,10 @@ def full_budget(table):
     """The rows (trials) whose accuracy is final: completed, every epoch run. Early-stopped
     accuracies are truncated and must never be ranked or averaged with these."""
     return table[(table[STATUS] == COMPLETED) & (table[BUDGET] == table[MAX_EPOCHS])]
+
+
+def rankable(table):
+    """The rows that may be called best: full-budget trials of the study's longest budget (a
+    ladder's shorter trainings are no rivals of its longest)."""
+    full = full_budget(table)
+    return full[full[MAX_EPOCHS] == full[MAX_EPOCHS].max()]

@@ -6,6 +6,7 @@ beside it but never used to rank or select anything.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -197,8 +198,9 @@ def budgets(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def best_trials(runs: pd.DataFrame, factors: list[str] = (), k: int = 5) -> pd.DataFrame:
-    """The k best full-budget trials by val_acc; ties go to the trial name so reruns agree."""
-    full = full_budget(runs).sort_values([METRIC, "trial"], ascending=[False, True])
+    """The k best full-budget trials of the longest budget by val_acc; ties go to the trial
+    name so reruns agree."""
+    full = c.rankable(runs).sort_values([METRIC, "trial"], ascending=[False, True])
     cols = ["trial", *factors, METRIC, "test_acc", "n_params", "run_id"]
     return full[[c for c in cols if c in full]].head(k).reset_index(drop=True)
 
@@ -241,9 +243,20 @@ def factor_tables(runs: pd.DataFrame, factors: list[str]) -> pd.DataFrame:
     return pd.concat([factor_table(runs, f) for f in factors]) if factors else pd.DataFrame()
 
 
+def budget_ladder(runs: pd.DataFrame) -> list[int]:
+    """The epoch budgets the study's full-budget trials ran: one, or an ablation's ladder."""
+    return sorted(int(b) for b in full_budget(runs)[c.MAX_EPOCHS].dropna().unique())
+
+
+def at_budget(runs: pd.DataFrame, epochs: int) -> pd.DataFrame:
+    """The trials configured for `epochs`: one rung of a ladder, never mixed with another."""
+    return runs[runs[c.MAX_EPOCHS] == epochs]
+
+
 def ablation_effects(runs: pd.DataFrame) -> pd.DataFrame:
     """Per ablation cell: val_acc over seeds (mean, t-interval), its difference to the baseline
-    cell with interval and p-value, and a plain verdict."""
+    cell with t- and bootstrap intervals, p-value and probability of improvement, and a plain
+    verdict. `runs` must be of one budget (`at_budget`)."""
     full = full_budget(runs).dropna(subset=["cell", METRIC])
     cells = summarize(full.groupby("cell")[METRIC])
     if "test_acc" in full:
@@ -253,7 +266,7 @@ def ablation_effects(runs: pd.DataFrame) -> pd.DataFrame:
                           index=cells.index)
     # every column, even where no cell could be tested (one seed each): the notebook reads them
     versus = versus.reindex(columns=["test", "n_compared", "diff", "diff_low", "diff_high",
-                                     "p_value"])
+                                     "p_value", "boot_low", "boot_high", "p_improve", "diff_sd"])
     table = cells.join(versus)
     if "n_compared" in table:  # a count, missing on the baseline row
         table["n_compared"] = table["n_compared"].astype("Int64")
@@ -264,23 +277,44 @@ def ablation_effects(runs: pd.DataFrame) -> pd.DataFrame:
 
 def _versus_baseline(cell: pd.DataFrame, base: pd.DataFrame) -> dict:
     """Paired t-test over the seeds both cells ran (the same seed shares data order and init,
-    so pairing removes that noise); Welch's t-test when seeds do not pair up."""
+    so pairing removes that noise); Welch's t-test when seeds do not pair up. Beside it, a
+    percentile bootstrap interval of the same difference (resampling seed pairs, or each cell's
+    seeds) and the probability of improvement: the share of seed pairs (or of all pairs of one
+    seed of each) where the cell beats the baseline, a tie counting half (Bouthillier et al.,
+    2021). With 3 seeds the bootstrap has few distinct resamples: it is read beside the t
+    interval, not instead of it."""
     if len(base) == 0 or cell.cell.iloc[0] == BASELINE:
         return {}
     pairs = cell.dropna(subset=["train.seed"]).merge(
         base.dropna(subset=["train.seed"]), on="train.seed", suffixes=("", "_base"))
     if len(pairs) >= 2:
-        a, b = pairs[METRIC], pairs[f"{METRIC}_base"]
+        a, b = pairs[METRIC].to_numpy(), pairs[f"{METRIC}_base"].to_numpy()
         result, n, test = stats.ttest_rel(a, b), len(pairs), "paired t"
+        boot = _bootstrap((a - b,), np.mean)
+        wins, sd = np.sign(a - b), float(np.std(a - b, ddof=1))
     elif len(cell) >= 2 and len(base) >= 2:
-        a, b = cell[METRIC], base[METRIC]
+        a, b = cell[METRIC].to_numpy(), base[METRIC].to_numpy()
         result, n, test = stats.ttest_ind(a, b, equal_var=False), min(len(a), len(b)), "Welch t"
+        boot = _bootstrap((a, b), lambda x, y, axis=-1: x.mean(axis) - y.mean(axis))
+        wins, sd = np.sign(a[:, None] - b[None, :]), np.nan
     else:
         return {"test": "none", "n_compared": min(len(cell), len(base)),
                 "diff": cell[METRIC].mean() - base[METRIC].mean()}
     ci = result.confidence_interval(CONFIDENCE)
     return {"test": test, "n_compared": n, "diff": a.mean() - b.mean(),
-            "diff_low": ci.low, "diff_high": ci.high, "p_value": result.pvalue}
+            "diff_low": ci.low, "diff_high": ci.high, "p_value": result.pvalue,
+            "boot_low": boot.low, "boot_high": boot.high,
+            "p_improve": float(np.mean((wins + 1) / 2)), "diff_sd": sd}
+
+
+def _bootstrap(samples: tuple, statistic, paired: bool = False):
+    """scipy's percentile bootstrap at CONFIDENCE, seeded so a rebuilt report agrees. The
+    percentile method, not BCa: BCa's jackknife is undefined on a few identical values."""
+    with warnings.catch_warnings():  # all-equal samples: a zero-width interval is the answer
+        warnings.simplefilter("ignore")
+        return stats.bootstrap(samples, statistic, paired=paired, vectorized=not paired,
+                               confidence_level=CONFIDENCE, method="percentile",
+                               n_resamples=9999, random_state=0).confidence_interval
 
 
 def _verdict(cell: str, row: pd.Series) -> str:
@@ -293,6 +327,136 @@ def _verdict(cell: str, row: pd.Series) -> str:
     if not row.diff_low > 0 and not row.diff_high < 0:
         return "too few seeds to tell: the interval spans zero"
     return "raises val_acc" if row["diff"] > 0 else "lowers val_acc"
+
+
+def budget_effects(runs: pd.DataFrame) -> pd.DataFrame:
+    """`ablation_effects` at every budget of a ladder, one table indexed by (cell, budget)."""
+    table = pd.concat([ablation_effects(at_budget(runs, b)).assign(budget=b)
+                       for b in budget_ladder(runs)]).reset_index(names="cell")
+    table = table.sort_values(["cell", "budget"], key=lambda col: col.map(
+        lambda v: (v != BASELINE, v) if col.name == "cell" else v))
+    return table.set_index(["cell", "budget"])
+
+
+def effect_holds(effects: pd.DataFrame) -> pd.DataFrame:
+    """Per cell of a ladder (`budget_effects`): does its effect on val_acc keep its sign and its
+    size as training lengthens? The sign holds when the mean difference has one sign at every
+    budget; the size holds when every shorter budget's difference lies inside the longest
+    budget's 95% interval. An effect whose interval spans zero at the longest budget is not
+    claimed either way."""
+    rows = []
+    for cell, ladder in effects.drop(index=BASELINE, level="cell", errors="ignore").groupby(
+            level="cell", sort=False):
+        ladder = ladder.droplevel("cell").dropna(subset=["diff"]).sort_index()
+        if ladder.empty:
+            continue
+        longest = ladder.iloc[-1]
+        diffs = ", ".join(f"{100 * d:+.2f} at {b}" for b, d in ladder["diff"].items())
+        signs = set(np.sign(ladder["diff"]))
+        resolved = longest.diff_low > 0 or longest.diff_high < 0
+        size = bool(ladder["diff"].between(longest.diff_low, longest.diff_high).all())
+        if len(signs) > 1:
+            verdict = "does not hold: the sign flips"
+        elif not resolved:
+            verdict = f"unresolved at {ladder.index[-1]} epochs: the interval spans zero"
+        elif size:
+            verdict = "holds: same sign, and every budget's effect inside the longest one's CI"
+        else:
+            verdict = "sign holds, size does not: the effect changes with the budget"
+        rows.append({"cell": cell, "factor": ",".join(k.split("=")[0] for k in cell.split(",")),
+                     "budgets": len(ladder), "diff_by_budget (points at epochs)": diffs,
+                     "sign_holds": len(signs) == 1, "size_holds": size,
+                     "resolved_at_longest": bool(resolved), "verdict": verdict})
+    return pd.DataFrame(rows)
+
+
+def factor_holds(holds: pd.DataFrame) -> pd.Series:
+    """One line per factor: whether every one of its cells' effects holds across the ladder."""
+    lines = {}
+    for factor, cells in holds.groupby("factor", sort=False):
+        held = cells[cells.verdict.str.startswith("holds")]
+        if len(held) == len(cells):
+            lines[factor] = f"every effect holds as training lengthens ({len(cells)} levels)"
+        else:
+            not_held = "; ".join(f"{r.cell.split('=', 1)[-1]}: {r.verdict}"
+                                 for r in cells.itertuples() if r.cell not in set(held.cell))
+            lines[factor] = f"{len(held)} of {len(cells)} effects hold; {not_held}"
+    return pd.Series(lines, name="across the budget ladder", dtype=object)
+
+
+def min_effect(runs: pd.DataFrame) -> float | None:
+    """The ablation's `min_effect` as its runs recorded it (None for runs that predate it)."""
+    values = runs.get(c.MIN_EFFECT, pd.Series(dtype=object)).dropna()
+    return float(values.iloc[0]) if len(values) else None
+
+
+def seeds_needed(effects: pd.DataFrame, min_effect: float, power: float = 0.8) -> dict:
+    """Seeds per cell a paired t-test at 95% needs to detect a difference of `min_effect` with
+    `power`, at the spread of paired differences this ablation observed (their standard
+    deviation pooled over cells): the noncentral-t power of a two-sided test."""
+    sd = effects["diff_sd"].dropna() if "diff_sd" in effects else pd.Series(dtype=float)
+    if sd.empty:
+        return {"sd": np.nan, "n": None}
+    pooled = float(np.sqrt((sd ** 2).mean()))
+    if pooled == 0:
+        return {"sd": 0.0, "n": 2}
+    for n in range(2, 10001):
+        crit = stats.t.ppf((1 + CONFIDENCE) / 2, n - 1)
+        shift = min_effect / pooled * np.sqrt(n)
+        if stats.nct.sf(crit, n - 1, shift) + stats.nct.cdf(-crit, n - 1, shift) >= power:
+            return {"sd": pooled, "n": n}
+    return {"sd": pooled, "n": None}
+
+
+def expected_best(runs: pd.DataFrame) -> pd.DataFrame:
+    """Expected best val_acc of n trials drawn from this search's full-budget trials, n = 1..N,
+    with its standard deviation (Dodge et al., 2019): P(the best of n is the i-th smallest of N)
+    = (i/N)^n - ((i-1)/N)^n. A curve still rising at N says more trials would likely help."""
+    values = np.sort(full_budget(runs)[METRIC].dropna().to_numpy(dtype=float))
+    total, rank = len(values), np.arange(1, len(values) + 1)
+    rows = []
+    for n in range(1, total + 1):
+        weight = (rank / total) ** n - ((rank - 1) / total) ** n
+        mean = float(weight @ values)
+        rows.append({"trials": n, "expected_best": mean,
+                     "sd": float(np.sqrt(weight @ (values - mean) ** 2))})
+    return pd.DataFrame(rows, columns=["trials", "expected_best", "sd"])
+
+
+def rung_agreement(runs: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
+    """How well val_acc at each ASHA rung ranked the trials that went on to the full budget
+    against their final val_acc: Spearman's rho with a 95% bootstrap interval over those
+    trials, and a warning where the rung's ranking was a poor guide (rho below 0.5, or an
+    interval reaching zero). Empty for a study without ASHA rungs."""
+    rungs = runs.get(c.RUNGS, pd.Series(dtype=object)).dropna()
+    full = full_budget(runs).dropna(subset=[METRIC]).set_index("run_id")
+    rows = []
+    for rung in sorted({int(r) for text in rungs for r in str(text).split(",") if r}):
+        at = history[history.epoch == rung].set_index("run_id")["value"]
+        x = at.reindex(full.index).to_numpy(dtype=float)
+        y = full[METRIC].to_numpy(dtype=float)
+        keep = np.isfinite(x)
+        x, y, n = x[keep], y[keep], int(keep.sum())
+        row = {"rung (epoch)": rung, "trials": n, "rho": np.nan, "rho_low": np.nan,
+               "rho_high": np.nan}
+        if n >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0:
+            # a resample that repeats one trial throughout has no ranking: no agreement (0)
+            ci = _bootstrap((x, y), lambda u, v: np.nan_to_num(stats.spearmanr(u, v).statistic),
+                            paired=True)
+            row.update(rho=stats.spearmanr(x, y).statistic, rho_low=ci.low, rho_high=ci.high)
+        row["warning"] = _rung_warning(row)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["rung (epoch)", "trials", "rho", "rho_low", "rho_high",
+                                       "warning"])
+
+
+def _rung_warning(row: dict) -> str:
+    if np.isnan(row["rho"]):
+        return f"too few trials reached the full budget to tell (n={row['trials']})"
+    if row["rho"] < 0.5 or not row["rho_low"] > 0:
+        return (f"WARNING: the ranking at epoch {row['rung (epoch)']} predicted the final one "
+                "poorly; ASHA may have stopped trials that would have won")
+    return ""
 
 
 def learning_curves(history: pd.DataFrame, group_of: pd.Series) -> pd.DataFrame:

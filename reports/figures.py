@@ -8,7 +8,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.ticker import MaxNLocator
 
-from reports.analysis import METRIC, early_stopped, factor_levels, full_budget
+from reports.analysis import BASELINE, METRIC, early_stopped, factor_levels, full_budget
 
 STOPPED = dict(marker="X", color="0.55")  # early-stopped trials never share a final's look
 
@@ -79,6 +79,39 @@ def ablation_forest(runs: pd.DataFrame, effects: pd.DataFrame) -> plt.Figure:
     right.axvline(0, color="0.4", ls="--")
     right.set(xlabel="difference to baseline (95% CI)")
     fig.tight_layout()
+    return fig
+
+
+def ladder_effects(effects: pd.DataFrame) -> plt.Figure:
+    """Each cell's difference to the baseline against the training budget, with its 95%
+    t-interval: an effect that holds keeps its side of zero as the budget grows."""
+    table = effects.drop(index=BASELINE, level="cell", errors="ignore").reset_index()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    budgets, cells = sorted(table.budget.unique()), table.cell.unique()
+    for i, (cell, rows) in enumerate(table.groupby("cell", sort=False)):
+        # cells side by side at each budget, so that their intervals do not hide each other
+        x = np.array([budgets.index(b) for b in rows.budget]) + (i - (len(cells) - 1) / 2) * 0.06
+        ax.errorbar(x, 100 * rows["diff"], capsize=4, marker="o", label=cell,
+                    yerr=np.nan_to_num(100 * np.vstack([rows["diff"] - rows.diff_low,
+                                                        rows.diff_high - rows["diff"]])))
+    ax.axhline(0, color="black", linewidth=1)
+    ax.set_xticks(range(len(budgets)), [str(b) for b in budgets])
+    ax.set(xlabel="budget (epochs, each a whole training)",
+           ylabel="val_acc difference to baseline (points)", title="effects across the budget "
+           "ladder: mean over seeds, 95% CI")
+    ax.legend(fontsize=8, loc="best")
+    return fig
+
+
+def expected_best(table: pd.DataFrame) -> plt.Figure:
+    """Expected best val_acc against the number of trials, +- one standard deviation."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(table.trials, table.expected_best, marker="o", color="black")
+    ax.fill_between(table.trials, table.expected_best - table.sd,
+                    table.expected_best + table.sd, alpha=0.2)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="trials", ylabel="expected best val_acc",
+           title="expected best of n full-budget trials (Dodge et al., 2019), +- 1 sd")
     return fig
 
 

@@ -40,10 +40,8 @@ def trial_table(plan: Plan) -> tuple[pd.DataFrame, dict[str, Config]]:
 
 
 def ranked(table: pd.DataFrame) -> pd.DataFrame:
-    """Full-budget trials of the longest budget (a ladder's shorter trainings are no rivals)
-    with a finite objective, best first: what may be called best."""
-    full = c.full_budget(table)
-    full = full[full[c.MAX_EPOCHS] == full[c.MAX_EPOCHS].max()]
+    """Rankable trials (contract.rankable) with a finite objective, best first."""
+    full = c.rankable(table)
     finite = np.isfinite(pd.to_numeric(full[c.OBJECTIVE], errors="coerce").astype(float))
     return full.loc[finite].sort_values(c.OBJECTIVE, ascending=False)
 
