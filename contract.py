@@ -22,6 +22,7 @@ RESULTS = "results"  # the study's folder (Ray results, table, best config)
 GIT_COMMIT = "git_commit"
 ERROR = "error"  # errored trials: the last line of the traceback
 MIN_EFFECT = "min_effect"  # ablation: the smallest val_acc difference the study cares about
+REPEATS = "repeats"  # search: seeds trained per proposed configuration
 RUNGS = "asha_rungs"  # search with ASHA: the epochs at which it compared trials, e.g. "1,2,4"
 
 PARENT = "mlflow.parentRunId"  # MLflow's own nesting: every trial's run is a child of the study's
@@ -63,3 +64,19 @@ def rankable(table):
     ladder's shorter trainings are no rivals of its longest)."""
     full = full_budget(table)
     return full[full[MAX_EPOCHS] == full[MAX_EPOCHS].max()]
+
+
+def best_first(table, searched=()):
+    """Rankable trials with a finite objective, best first: by the mean objective of their
+    configuration (the trials that share their searched values: an ablation cell's seeds, or a
+    configuration a search trained with several seeds), then by their own, so that a lucky seed
+    never makes its configuration the best. Adds that mean and the configuration's trial count."""
+    import pandas as pd
+
+    rows = rankable(table)
+    rows = rows[pd.to_numeric(rows[OBJECTIVE], errors="coerce").astype(float).abs() < float("inf")]
+    keys = [k for k in searched if k in rows]
+    group = rows.groupby(keys, dropna=False)[OBJECTIVE] if keys else None
+    rows = rows.assign(config_val_acc=group.transform("mean") if keys else rows[OBJECTIVE],
+                       config_trials=group.transform("size") if keys else 1)
+    return rows.sort_values(["config_val_acc", OBJECTIVE], ascending=False, kind="stable")

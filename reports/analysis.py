@@ -198,11 +198,27 @@ def budgets(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def best_trials(runs: pd.DataFrame, factors: list[str] = (), k: int = 5) -> pd.DataFrame:
-    """The k best full-budget trials of the longest budget by val_acc; ties go to the trial
-    name so reruns agree."""
-    full = c.rankable(runs).sort_values([METRIC, "trial"], ascending=[False, True])
-    cols = ["trial", *factors, METRIC, "test_acc", "n_params", "run_id"]
-    return full[[c for c in cols if c in full]].head(k).reset_index(drop=True)
+    """The k best full-budget trials of the longest budget, ranked by their configuration's
+    mean val_acc over its trials (contract.best_first), shown when a configuration ran more
+    than once; ties go to the trial name so reruns agree."""
+    ranked = c.best_first(runs.sort_values("trial"), factors)
+    repeated = ["config_val_acc", "config_trials"] if (ranked.config_trials > 1).any() else []
+    cols = ["trial", *factors, *repeated, METRIC, "test_acc", "n_params", "run_id"]
+    return ranked[[col for col in cols if col in ranked]].head(k).reset_index(drop=True)
+
+
+def configuration_seeds(runs: pd.DataFrame, factors: list[str]) -> pd.DataFrame:
+    """Per configuration a search trained with several seeds (search.repeats): its seeds, the
+    val_acc of each, their mean and standard deviation, best mean first. Empty when every
+    configuration ran once."""
+    full = c.rankable(runs).dropna(subset=[METRIC]).sort_values("train.seed")
+    if not factors or full.empty or full.groupby(factors, dropna=False).size().max() < 2:
+        return pd.DataFrame()
+    table = full.groupby(factors, dropna=False).agg(
+        seeds=("train.seed", lambda s: ", ".join(str(int(v)) for v in s)),
+        val_acc_by_seed=(METRIC, lambda s: ", ".join(f"{v:.4f}" for v in s)),
+        n=(METRIC, "size"), mean=(METRIC, "mean"), sd=(METRIC, "std"))
+    return table.sort_values("mean", ascending=False)
 
 
 def summarize(values) -> pd.DataFrame:

@@ -58,8 +58,14 @@ display(save_table(analysis.study_summary(all_runs).rename(EXPERIMENT), OUT, "su
 display(Markdown("Trials by budget (epochs completed) and status:"))
 display(save_table(analysis.budgets(all_runs), OUT, "budgets"))
 best = analysis.best_trials(runs, factors)
-display(Markdown("Best configurations, by final val_acc among full-budget trials:"))
+display(Markdown("Best configurations, by final val_acc among full-budget trials (by the mean "
+                 "over its trials where a configuration ran several times):"))
 display(save_table(best, OUT, "best"))
+seed_table = analysis.configuration_seeds(runs, factors)
+if not is_ablation and len(seed_table):
+    display(Markdown("Each configuration's seeds (`search.repeats`): the searcher was told "
+                     "their mean."))
+    display(save_table(seed_table, OUT, "seeds"))
 
 # %% [markdown]
 # ## 2. Accuracy against each searched factor

@@ -1,7 +1,6 @@
 """The study's table of trials (Parquet and CSV) and its best configuration (YAML)."""
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 import yaml
 from ray.tune import ExperimentAnalysis
@@ -39,24 +38,23 @@ def trial_table(plan: Plan) -> tuple[pd.DataFrame, dict[str, Config]]:
     return table.sort_values("trial_id", ignore_index=True), configs
 
 
-def ranked(table: pd.DataFrame) -> pd.DataFrame:
-    """Rankable trials (contract.rankable) with a finite objective, best first."""
-    full = c.rankable(table)
-    finite = np.isfinite(pd.to_numeric(full[c.OBJECTIVE], errors="coerce").astype(float))
-    return full.loc[finite].sort_values(c.OBJECTIVE, ascending=False)
+def ranked(table: pd.DataFrame, searched=()) -> pd.DataFrame:
+    """The trials that may be called best, best first (contract.best_first)."""
+    return c.best_first(table, searched)
 
 
 def write_results(plan: Plan) -> pd.DataFrame:
     table, configs = trial_table(plan)
     table.to_parquet(plan.path / "trials.parquet", index=False)
     table.to_csv(plan.path / "trials.csv", index=False)
-    best = ranked(table).head(1)
+    best = ranked(table, plan.design.searched).head(1)
     if len(best):
         cfg = configs[best["trial_id"].iloc[0]].to_dict()
         cfg["train"]["threads"] = None  # the study's CPUs per trial, not a property of the model
         (plan.path / "best_config.yaml").write_text(
-            f"# best full-budget trial of study '{plan.name}' by val_acc "
-            f"({best['val_acc'].iloc[0]:.4f}); trial {best['trial_id'].iloc[0]}\n"
+            f"# best full-budget trial of study '{plan.name}' by its configuration's mean val_acc "
+            f"({best['config_val_acc'].iloc[0]:.4f} over {best['config_trials'].iloc[0]} "
+            f"trials); trial {best['trial_id'].iloc[0]}, val_acc {best['val_acc'].iloc[0]:.4f}\n"
             + yaml.safe_dump(cfg, sort_keys=False))
     return table
 
@@ -65,11 +63,14 @@ def summarize(plan: Plan, table: pd.DataFrame, uri: str) -> str:
     counts = table[c.STATUS].value_counts().to_dict()
     lines = [f"\nstudy {plan.name}: {len(table)} trials "
              + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))]
-    top = ranked(table).head(5)
+    top = ranked(table, plan.design.searched).head(5)
     if len(top):
+        repeated = ["config_val_acc", "config_trials"] if (top.config_trials > 1).any() else []
         cols = ([c.CELL] if c.CELL in top else []) + [k for k in plan.design.searched if k in top] \
-            + ["val_acc", "test_acc", "params", "wall_s"]
-        lines += ["best full-budget trials by val_acc (test_acc shown, never used to choose):",
+            + repeated + ["val_acc", "test_acc", "params", "wall_s"]
+        lines += ["best full-budget trials by val_acc" + (" of their configuration (its mean "
+                  "over its trials)" if repeated else "") + " (test_acc shown, never used to "
+                  "choose):",
                   top[["trial_id", *dict.fromkeys(cols)]].to_string(index=False, float_format="%.4f")]
     lines += [f"table     {plan.path / 'trials.parquet'} (and .csv)",
               f"best      {plan.path / 'best_config.yaml'}",

@@ -78,7 +78,7 @@ def publish_results(plan, uri: str, identity: str, table) -> list[str]:
             last = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines() or [""]
             lines.append(f"report    not built ({type(e).__name__}: {last[-1][:200]}); "
                          f"the executed notebook says where: {plan.path / 'report'}")
-    best = ranked(table).head(1)["trial_id"].tolist()
+    best = ranked(table, plan.design.searched).head(1)["trial_id"].tolist()
     return lines + publish(plan, uri, identity, best[0] if best else None, report)
 
 

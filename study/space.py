@@ -20,6 +20,7 @@ from tinyvit.config import KEYS, Config, ConfigError, apply_overrides, coerce, k
 from .expr import Expr, ExprError
 
 KINDS = ("choice", "int", "uniform", "loguniform")
+REPEAT_INDEX = "__trial_index__"  # Ray Tune's Repeater: a trial's index among its repeats
 OBJECTIVES = ("val_acc", "val_loss", "train_loss", "train_acc", "params", "images_per_sec")
 
 
@@ -51,6 +52,9 @@ class Search:
     seed: int
     metrics: list[str]
     modes: list[str]
+    # seeds per proposed configuration: the searcher is told their mean, so that a search is
+    # not won by a lucky seed
+    repeats: int = 1
     mode = "search"
     budgets = ()  # every trial trains train.epochs (ASHA may stop it sooner)
 
@@ -59,20 +63,27 @@ class Search:
         return list(self.params)
 
     def trial_count(self) -> int:
-        return self.num_samples
+        return self.num_samples * self.repeats
 
     def plan_line(self) -> str:
-        return (f"search    Optuna TPE (seed {self.seed}) over {', '.join(self.searched)}; "
-                "objective " + ", ".join(f"{m} ({o})" for m, o in zip(self.metrics, self.modes)))
+        seeds = (f" x {self.repeats} seeds each (the searcher sees their mean)"
+                 if self.repeats > 1 else "")
+        return (f"search    Optuna TPE (seed {self.seed}) over {', '.join(self.searched)}"
+                f"{seeds}; objective "
+                + ", ".join(f"{m} ({o})" for m, o in zip(self.metrics, self.modes)))
 
     def param_space(self) -> dict:
         return {}  # OptunaSearch's define-by-run function samples everything
 
     def overrides(self, config: dict) -> dict:
-        """The dotted keys a trial changes: its sampled values. (Optuna's renamed constrained
-        parameters such as 'model.heads[2,4]' are not config keys; an unsampled conditional
-        parameter is absent.)"""
-        return {k: v for k, v in config.items() if k in KEYS}
+        """The dotted keys a trial changes: its sampled values, and with repeats its seed, the
+        base seed plus its index among the configuration's repeats. (Optuna's renamed
+        constrained parameters such as 'model.heads[2,4]' are not config keys; an unsampled
+        conditional parameter is absent.)"""
+        values = {k: v for k, v in config.items() if k in KEYS}
+        if self.repeats > 1:
+            values["train.seed"] = self.base["train.seed"] + config[REPEAT_INDEX]
+        return values
 
     def cell(self, config: dict) -> None:
         return None
@@ -202,8 +213,14 @@ def parse_search(raw: dict, base: dict, where: str = "search") -> Search:
     for m in modes:
         if m not in ("max", "min"):
             raise SpaceError(f"{where}.mode {short(m)} is not one of max, min")
+    repeats = _int(raw.get("repeats", 1), f"{where}.repeats", 1)
+    if repeats > 1 and len(metrics) > 1:
+        raise SpaceError(f"{where}.repeats needs a single {where}.metric: the searcher is told "
+                         "the mean over seeds of one objective")
+    if repeats > 1 and "train.seed" in params:
+        raise SpaceError(f"{where}.repeats sets train.seed itself: do not search it")
     return Search(params, parsed, base, _int(raw.get("num_samples", 8), f"{where}.num_samples", 1),
-                  _int(raw.get("seed", 0), f"{where}.seed", 0), metrics, modes)
+                  _int(raw.get("seed", 0), f"{where}.seed", 0), metrics, modes, repeats)
 
 
 def _param(key: str, dist, where: str) -> Param:

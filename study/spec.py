@@ -24,7 +24,7 @@ from .space import Ablation, Search, SpaceError, parse_ablation, parse_search, v
 
 TOP_KEYS = {"name", "mode", "base", "model", "data", "train", "search", "ablation", "scheduler",
             "resources", "mlflow", "storage", "max_failures"}
-SEARCH_KEYS = {"num_samples", "metric", "mode", "seed", "space", "constraints"}
+SEARCH_KEYS = {"num_samples", "metric", "mode", "seed", "space", "constraints", "repeats"}
 ABLATION_KEYS = {"factors", "design", "baseline", "seeds", "budgets", "min_effect"}
 SCHEDULER_KEYS = {"type", "grace_period", "reduction_factor"}
 RESOURCE_KEYS = {"cpu", "gpu", "max_concurrent"}
@@ -91,8 +91,8 @@ class Plan:
 
     def analysis_tags(self) -> dict:
         """What the report needs to know of the study beyond its trials' own values."""
-        tags = {c.MIN_EFFECT: str(self.design.min_effect)} if self.design.mode == "ablation" \
-            else {}
+        tags = ({c.MIN_EFFECT: str(self.design.min_effect)} if self.design.mode == "ablation"
+                else {c.REPEATS: str(self.design.repeats)})
         if self.rungs():
             tags[c.RUNGS] = ",".join(map(str, self.rungs()))
         return tags
@@ -202,6 +202,10 @@ def parse_plan(raw: dict) -> Plan:
         if design.budgets:
             raise SpecError("scheduler.type=asha with ablation.budgets: a ladder trains every "
                             "cell to each budget; use scheduler.type: none")
+        if design.mode == "search" and design.repeats > 1:
+            raise SpecError("scheduler.type=asha with search.repeats: ASHA would stop single "
+                            "seeds of a configuration whose mean the searcher is told; use "
+                            "scheduler.type: none")
         if len(design.metrics) > 1:
             raise SpecError("scheduler.type=asha needs a single search.metric; multi-objective "
                             "searches run with scheduler.type=none")

@@ -71,8 +71,10 @@ def run_name(plan: Plan, config: dict) -> str:
     if cell is not None:
         ladder = f" {overrides['train.epochs']} epochs" if plan.design.budgets else ""
         return f"{cell} seed {overrides['train.seed']}{ladder}"
-    shown = (f"{k.split('.', 1)[1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.', 1)[1]}={v}"
-             for k, v in overrides.items() if k in plan.design.searched)
+    shown = [f"{k.split('.', 1)[1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.', 1)[1]}={v}"
+             for k, v in overrides.items() if k in plan.design.searched]
+    if plan.design.repeats > 1:
+        shown.append(f"seed {overrides['train.seed']}")
     return " ".join(shown)[:250]
 
 

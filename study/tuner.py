@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import socket
 import sys
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
+import numpy as np
 import ray
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
@@ -17,6 +20,7 @@ from ray import tune
 from ray.exceptions import AuthenticationError
 from ray.tune import CheckpointConfig, FailureConfig, RunConfig
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import Repeater
 from ray.tune.search.optuna import OptunaSearch
 
 from contract import MAX_EPOCHS
@@ -160,6 +164,8 @@ def _tune_config(plan: Plan) -> tune.TuneConfig:
         storage = JournalStorage(JournalFileBackend(str(plan.path / OPTUNA_JOURNAL)))
         search_alg = BudgetAwareOptuna(space=design.suggest, seed=design.seed,
                                        study_name=plan.name, storage=storage, **objective)
+        if design.repeats > 1:
+            search_alg = SeedRepeats(search_alg, repeat=design.repeats)
     scheduler = None
     if plan.scheduler["type"] == "asha":  # the plan makes sure the objective is single here
         scheduler = ASHAScheduler(time_attr="epoch", max_t=plan.epochs,
@@ -184,12 +190,53 @@ class BudgetAwareOptuna(OptunaSearch):
         stopped = (result and not error and trial_id not in self._completed_trials
                    and result.get("epoch", 0) < result.get(MAX_EPOCHS, 0))
         if not stopped:
+            for key, value in (result or {}).get(SEEDS_KEY, {}).items():  # SeedRepeats' spread
+                self._ot_trials[trial_id].set_user_attr(key, value)
             return super().on_trial_complete(trial_id, result, error)
         # the result the scheduler stopped on reaches the searcher here alone, not as a result
         self.on_trial_result(trial_id, result)
         # Optuna keeps the last intermediate value as a pruned trial's value, with its step
         self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
         self._completed_trials.add(trial_id)
+
+
+SEEDS_KEY = "seeds"
+
+
+class SeedRepeats(Repeater):
+    """Ray Tune's Repeater (every configuration trained with several seeds, the searcher told
+    their mean), made strict and resumable:
+    - a configuration with a seed that errored or reported no objective reaches Optuna as
+      FAIL, where Repeater would average the other seeds as if they were all;
+    - the seeds' values and their standard deviation go with the mean (Optuna user attrs);
+    - its groups are saved with the searcher, so a resumed study finishes a half-run group
+      (Repeater saves only the searcher it wraps)."""
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, **kwargs):
+        group = self._trial_id_to_group[trial_id]
+        value = (result or {}).get(self.searcher.metric)
+        group.report(trial_id, float("nan") if value is None or kwargs.get("error") else value)
+        if not group.finished_reporting():
+            return
+        scores = np.array(group.scores(), dtype=float)
+        if not np.isfinite(scores).all():
+            return self.searcher.on_trial_complete(group.primary_trial_id, None, error=True)
+        self.searcher.on_trial_complete(group.primary_trial_id, {
+            self.searcher.metric: float(scores.mean()),
+            SEEDS_KEY: {f"{self.searcher.metric}_seeds": scores.tolist(),
+                        f"{self.searcher.metric}_sd": float(scores.std(ddof=1))}})
+
+    def save(self, checkpoint_path: str):
+        self.searcher.save(checkpoint_path)
+        searcher = Path(checkpoint_path).read_bytes()
+        Path(checkpoint_path).write_bytes(pickle.dumps((searcher, self.get_state())))
+
+    def restore(self, checkpoint_path: str):
+        searcher, state = pickle.loads(Path(checkpoint_path).read_bytes())
+        with tempfile.TemporaryDirectory() as folder:
+            (Path(folder) / "searcher.pkl").write_bytes(searcher)
+            self.searcher.restore(str(Path(folder) / "searcher.pkl"))
+        self.set_state(state)
 
 
 def _run_config(plan: Plan, uri: str, identity: str, arrays, experiment: Future) -> RunConfig:

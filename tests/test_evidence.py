@@ -9,11 +9,14 @@ import itertools
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from reports import analysis
 from reports.build import build
+from study.spec import SpecError, parse_plan
+from studyutil import env_without_tracking, experiment, run, write
 
 SEEDS = (0, 1, 2, 3)
 BUDGETS = (1, 2, 4)
@@ -155,3 +158,55 @@ def test_a_rung_whose_ranking_reversed_the_final_one_is_warned(search_report):
     assert rungs.loc[2, "rho_low"] <= 1 and (rungs.trials == len(FINALS)).all()
     assert "WARNING: the ranking at epoch 1 predicted the final one poorly" in (
         search_report / "report.html").read_text()
+
+
+def test_a_ladder_study_trains_every_cell_at_every_budget(tmp_path):
+    d = experiment(tmp_path, name="ladder", mode="ablation", scheduler={"type": "none"},
+                   ablation={"factors": {"model.pos_embedding": ["learned", "none"]},
+                             "seeds": [0], "budgets": [2, 1]})
+    d.pop("search")
+    out = run(write(tmp_path, d), env=env_without_tracking())
+    assert "4 trials of up to 2 epochs" in out and "x budgets [1, 2] epochs" in out
+    study = tmp_path / "runs" / "ladder"
+    table = pd.read_parquet(study / "trials.parquet")
+    assert sorted(zip(table.cell, table["train.epochs"])) == [
+        ("baseline", 1), ("baseline", 2), ("model.pos_embedding=none", 1),
+        ("model.pos_embedding=none", 2)]
+    assert (table.max_epochs == table["train.epochs"]).all() and (table.budget == table.max_epochs).all()
+    assert (table.status == "completed").all()
+    assert yaml.safe_load((study / "best_config.yaml").read_text())["train"]["epochs"] == 2
+    client = MlflowClient(f"sqlite:///{study / 'mlflow.db'}")
+    names = {r.info.run_name for r in client.search_runs(
+        [client.get_experiment_by_name("ladder").experiment_id], "tags.kind = 'trial'")}
+    assert names == {f"{cell} seed 0 {b} epochs" for cell in ("baseline",
+                     "model.pos_embedding=none") for b in (1, 2)}
+
+
+@pytest.mark.parametrize("section, value, message", [
+    ("budgets", [1], "at least two epoch counts"),
+    ("budgets", [2, 2], "lists a budget twice"),
+    ("budgets", [1, "2"], "at least two epoch counts >= 1"),
+    ("budgets", [0, 1], "at least two epoch counts >= 1"),
+    ("min_effect", 0, r"min_effect is a val_acc difference in \(0, 1\)"),
+    ("min_effect", "big", "min_effect: expected a finite number"),
+])
+def test_bad_ladders_are_refused_in_one_line(tmp_path, section, value, message):
+    d = experiment(tmp_path, mode="ablation", scheduler={"type": "none"},
+                   ablation={"factors": {"model.pos_embedding": ["learned", "none"]},
+                             section: value})
+    d.pop("search")
+    with pytest.raises(SpecError, match=message):
+        parse_plan(d)
+
+
+def test_a_ladder_refuses_asha_and_an_epochs_factor(tmp_path):
+    d = experiment(tmp_path, mode="ablation", scheduler={"type": "asha"},
+                   ablation={"factors": {"model.pos_embedding": ["learned", "none"]},
+                             "budgets": [1, 2]})
+    d.pop("search")
+    with pytest.raises(SpecError, match="scheduler.type=asha with ablation.budgets"):
+        parse_plan(d)
+    d["scheduler"] = {"type": "none"}
+    d["ablation"]["factors"] = {"train.epochs": [1, 2]}
+    with pytest.raises(SpecError, match="train.epochs cannot be an ablation factor"):
+        parse_plan(d)
