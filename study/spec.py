@@ -27,7 +27,7 @@ TOP_KEYS = {"name", "mode", "base", "model", "data", "train", "search", "ablatio
 SEARCH_KEYS = {"num_samples", "metric", "mode", "seed", "space", "constraints", "repeats"}
 ABLATION_KEYS = {"factors", "design", "baseline", "seeds", "budgets", "min_effect"}
 SCHEDULER_KEYS = {"type", "grace_period", "reduction_factor"}
-RESOURCE_KEYS = {"cpu", "gpu", "max_concurrent"}
+RESOURCE_KEYS = {"cpu", "gpu", "max_concurrent", "trial_timeout_s"}
 MLFLOW_KEYS = {"tracking_uri", "experiment", "report"}
 # what every trial of a study is compared on: one data set (decoded once, by the driver), one
 # validation split, one image shape; a study that varied them would rank trials on different
@@ -100,6 +100,8 @@ class Plan:
     def describe(self, uri: str, address: str | None) -> str:
         r, s = self.resources, self.scheduler
         gpu = ("a share of a" if r["gpu"] == "auto" else r["gpu"])
+        limit = (f"stopped after {r['trial_timeout_s']:g}s without a result; "
+                 if r["trial_timeout_s"] else "")
         return "\n".join([
             f"study     {self.name} ({self.design.mode}), {self.design.trial_count()} trials of "
             f"up to {self.epochs} epochs",
@@ -108,7 +110,7 @@ class Plan:
                             f"ASHA, grace period {s['grace_period']} epochs, reduction factor "
                             f"{s['reduction_factor']}"),
             f"resources {r['cpu']} CPU, {gpu} GPU per trial; at most {r['max_concurrent']} at "
-            f"once; retries {self.max_failures}; Ray at {address or 'a new local cluster'}",
+            f"once; retries {self.max_failures}; {limit}Ray at {address or 'a new local cluster'}",
             f"results   {self.path}",
             f"mlflow    {uri} (experiment '{self.experiment}')",
         ])
@@ -240,8 +242,14 @@ def _resources(r: dict) -> dict:
         raise SpecError(f"resources.gpu={gpu}: above 1 a trial takes whole GPUs")
     if cpu == 0 and gpu == 0:
         raise SpecError("resources.cpu and resources.gpu cannot both be 0")
+    timeout = r.get("trial_timeout_s")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not 0 < timeout < float("inf")):
+        raise SpecError(f"resources.trial_timeout_s must be a number of seconds > 0 (or null: no "
+                        f"limit), got {short(timeout)}")
     return {"cpu": cpu, "gpu": gpu,
-            "max_concurrent": _int(r.get("max_concurrent", 2), "resources.max_concurrent", 1)}
+            "max_concurrent": _int(r.get("max_concurrent", 2), "resources.max_concurrent", 1),
+            "trial_timeout_s": timeout}
 
 
 def _absolute_paths(base: dict) -> None:

@@ -98,7 +98,10 @@ def _connect(address: str | None) -> None:
         # every start: one stray line before every message a user should read
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
             logging.ERROR)
-        ray.init(logging_level="WARNING", include_dashboard=False)
+        # "local": a cluster of its own even where another runs on this machine; ray.init()
+        # alone joins the one whose address the last `ray start` (or ray.cluster_utils) left
+        # in Ray's temp folder, which is no promise that it is still the user's or has room
+        ray.init(address="local", logging_level="WARNING", include_dashboard=False)
         return
     host, _, port = address.rpartition(":")
     if host and port.isdigit():  # ray.init waits minutes on an address where nothing listens

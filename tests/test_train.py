@@ -1,4 +1,5 @@
 import contextlib
+import dataclasses
 import math
 import re
 import subprocess
@@ -13,7 +14,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from conftest import TINY
 from tinyvit.config import Config, ModelConfig
-from tinyvit.data import load_arrays
+from tinyvit.data import ChannelStats, load_arrays
 from tinyvit.model import TinyViT, count_params
 from tinyvit.train import (CheckpointError, TrainingDiverged, evaluate, fit, load_checkpoint,
                            param_groups, save_checkpoint)
@@ -186,6 +187,34 @@ def test_fit_scores_val_and_test_with_the_mirror_on_the_seeded_split(tiny):
         assert final[f"{name}_loss"] != pytest.approx(F.cross_entropy(plain, y).item(), rel=2e-5)
         accuracy = (logits.argmax(1) == y).float().mean().item()
         assert final[f"{name}_acc"] == pytest.approx(accuracy, abs=1 / len(y))
+
+
+def test_fit_normalises_with_the_statistics_that_come_with_the_data(tiny_cfg):
+    """load_arrays computes the training split's statistics once (in a study, the driver) and
+    they travel with the arrays: fit takes them as they are, computing none, and trains exactly
+    as with statistics it computes itself."""
+    tiny_cfg.train.epochs = 1
+    arrays = load_arrays(tiny_cfg.data)
+
+    def train(a):
+        states = []
+        metrics = fit(tiny_cfg, a, lambda m, state: states.append(state()))
+        timing = ("epoch_seconds", "images_per_sec")
+        return ({k: v for k, v in metrics.items() if k not in timing},
+                (states[-1]["mean"], states[-1]["std"]))
+
+    shipped, used = train(arrays)
+    assert used == (arrays.stats.mean.tolist(), arrays.stats.std.tolist())
+    assert train(dataclasses.replace(arrays, stats=None)) == (shipped, used)  # computed by fit
+    # statistics planted for the same split are the ones the training normalises with
+    planted = ChannelStats(torch.tensor([0.2, 0.4, 0.6]), torch.tensor([0.1, 0.2, 0.3]),
+                           arrays.stats.split)
+    metrics, used = train(dataclasses.replace(arrays, stats=planted))
+    assert used == (planted.mean.tolist(), planted.std.tolist())
+    assert metrics["train_loss"] != shipped["train_loss"]
+    # another split (a study may search data.subset) has statistics of its own
+    tiny_cfg.data.subset = 300
+    assert train(dataclasses.replace(arrays, stats=planted))[1] != used
 
 
 def test_short_run_beats_chance_and_reports_every_epoch(tiny_cfg):
