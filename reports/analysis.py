@@ -367,6 +367,7 @@ def effect_holds(effects: pd.DataFrame) -> pd.DataFrame:
         if ladder.empty:
             continue
         longest = ladder.iloc[-1]
+        # "points at epochs": e.g. "-3.00 at 1, +2.00 at 4"
         diffs = ", ".join(f"{100 * d:+.2f} at {b}" for b, d in ladder["diff"].items())
         signs = set(np.sign(ladder["diff"]))
         resolved = longest.diff_low > 0 or longest.diff_high < 0
@@ -380,7 +381,7 @@ def effect_holds(effects: pd.DataFrame) -> pd.DataFrame:
         else:
             verdict = "sign holds, size does not: the effect changes with the budget"
         rows.append({"cell": cell, "factor": ",".join(k.split("=")[0] for k in cell.split(",")),
-                     "budgets": len(ladder), "diff_by_budget (points at epochs)": diffs,
+                     "budgets": len(ladder), "diff_by_budget": diffs,
                      "sign_holds": len(signs) == 1, "size_holds": size,
                      "resolved_at_longest": bool(resolved), "verdict": verdict})
     return pd.DataFrame(rows)

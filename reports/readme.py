@@ -49,8 +49,24 @@ def ablation_section(report: Path) -> str:
     return "\n".join([
         f"**Ablation** (`{report.name}`, report: `{report}/report.html`): {s['trials']} trials, "
         f"{s['full-budget trials']} at the full budget of {s['max epochs']} epochs, "
-        f"{float(s['compute hours (sum of epoch_seconds)']):.2f} compute hours.",
-        "", *rows])
+        f"{float(s['compute hours (sum of epoch_seconds)']):.2f} compute hours."
+        + (" Effects at the longest budget:" if (report / "tables" / "ladder.csv").exists()
+           else ""),
+        "", *rows, *ladder_section(report)])
+
+
+def ladder_section(report: Path) -> list[str]:
+    """A budget ladder's verdicts: per factor, then per effect with its difference at each
+    budget. Nothing for a study without a ladder."""
+    if not (report / "tables" / "ladder_holds.csv").exists():
+        return []
+    factors = pd.read_csv(report / "tables" / "ladder_factors.csv", index_col=0).iloc[:, 0]
+    holds = pd.read_csv(report / "tables" / "ladder_holds.csv")
+    rows = ["| effect | val_acc difference to baseline, points (at epochs) | verdict |",
+            "|---|---|---|"]
+    rows += [f"| {r.cell} | {r.diff_by_budget} | {r.verdict} |" for r in holds.itertuples()]
+    return ["", "Across the budget ladder (each budget a whole training):", "",
+            *(f"- `{factor}`: {line}" for factor, line in factors.items()), "", *rows]
 
 
 def markdown(table: pd.DataFrame) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 COPIED = ("tinyvit", "study", "reports", "tests", "experiments", "contract.py", "pyproject.toml")
 MODEL, TRAIN, CONFIG = "tests/test_model.py", "tests/test_train.py", "tests/test_config.py"
+EVIDENCE, REPEATS = "tests/test_evidence.py", "tests/test_repeats.py"
 # the experiment-file checks of the trust suite, without its real studies and CLI runs
 PLAN = ["tests/test_trust.py", "tests/test_spec.py", "-k",
         "not strange_name and not cluster and not data_that_cannot and not exploit and not "
@@ -115,7 +116,27 @@ MUTATIONS = [
      PLAN),
     ("grace-above-epochs-accepted", "study/spec.py",
      'if scheduler["grace_period"] > config.train.epochs:', "if False:", PLAN),
-    ("nan-objective-ranked", "study/results.py", "full.loc[finite]", "full", PLAN),
+    ("nan-objective-ranked", "contract.py",
+     'rows = rows[pd.to_numeric(rows[OBJECTIVE], errors="coerce")', "rows = rows[rows.index.notna()",
+     PLAN),
+    # what a study may claim (budget ladders, seeds, rungs) and search.repeats
+    ("ladder-sign-flip-holds", "reports/analysis.py", "if len(signs) > 1:", "if False:",
+     [EVIDENCE, "-k", "flips"]),
+    ("ladder-budgets-mixed", "reports/study_report.py",
+     "runs = analysis.at_budget(all_runs, ladder[-1]) if len(ladder) > 1 else all_runs",
+     "runs = all_runs", [EVIDENCE, "-k", "longest_budget"]),
+    ("rung-warning-silenced", "reports/analysis.py",
+     'if row["rho"] < 0.5 or not row["rho_low"] > 0:', "if False:", [EVIDENCE, "-k", "rung"]),
+    ("lucky-seed-wins", "contract.py", 'sort_values(["config_val_acc", OBJECTIVE]',
+     'sort_values([OBJECTIVE, "config_val_acc"]', [REPEATS, "-k", "luckiest"]),
+    ("failed-seed-averaged-out", "study/tuner.py",
+     "scores = np.array(group.scores(), dtype=float)",
+     "scores = np.array([v for v in group.scores() if v == v], dtype=float)",
+     [REPEATS, "-k", "restore"]),
+    ("seed-groups-not-restored", "study/tuner.py", "        self.set_state(state)", "        pass",
+     [REPEATS, "-k", "restore"]),
+    ("seq-pool-unweighted", "tinyvit/model.py",
+     "return (self.score(x).softmax(dim=1) * x).sum(dim=1)", "return x.mean(dim=1)", [MODEL]),
 ]
 
 

@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from reports import analysis
 from reports.build import build
+from reports.readme import ablation_section
 from study.spec import SpecError, parse_plan
 from studyutil import env_without_tracking, experiment, run, write
 
@@ -210,3 +211,10 @@ def test_a_ladder_refuses_asha_and_an_epochs_factor(tmp_path):
     d["ablation"]["factors"] = {"train.epochs": [1, 2]}
     with pytest.raises(SpecError, match="train.epochs cannot be an ablation factor"):
         parse_plan(d)
+
+
+def test_the_readme_results_carry_the_ladders_verdicts(ladder_report):
+    text = ablation_section(ladder_report)
+    assert "- `model.pos_embedding`: 1 of 2 effects hold" in text
+    assert ("| model.pos_embedding=none | -3.00 at 1, -1.00 at 2, +2.00 at 4 | does not hold: "
+            "the sign flips |") in text

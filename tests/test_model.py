@@ -14,7 +14,7 @@ def test_seed_configuration_has_the_seeds_parameter_count():
 
 
 @pytest.mark.parametrize("pos", POS_EMBEDDINGS)
-@pytest.mark.parametrize("pool", ["cls", "mean"])
+@pytest.mark.parametrize("pool", ["cls", "mean", "seq"])
 @pytest.mark.parametrize("patch", [2, 8])
 def test_every_variant_runs_and_gives_attention_maps(pos, pool, patch):
     cfg = ModelConfig(patch_size=patch, embed_dim=32, depth=2, heads=2, pos_embedding=pos,
@@ -241,6 +241,25 @@ def test_mean_pooling_reads_the_mean_of_the_patch_tokens():
         for block in model.blocks:
             t, _ = block(t)
         torch.testing.assert_close(model(x), model.head(model.norm(t.mean(dim=1))))
+
+
+def test_sequence_pooling_is_the_softmax_weighted_sum_of_normalized_tokens():
+    torch.manual_seed(0)
+    model = TinyViT(ModelConfig(**SMALL, pool="seq")).eval()
+    assert model.cls_token is None
+    # the pooling's score layer is all it adds to mean pooling
+    assert count_params(model) == count_params(TinyViT(ModelConfig(**SMALL, pool="mean"))) + 33
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        t = model.tokens(x)
+        for block in model.blocks:
+            t, _ = block(t)
+        t = model.norm(t)
+        score = t @ model.seq_pool.score.weight[0] + model.seq_pool.score.bias  # [B, tokens]
+        weights = score.exp() / score.exp().sum(dim=1, keepdim=True)
+        pooled = torch.einsum("bn,bnd->bd", weights, t)
+        torch.testing.assert_close(model(x), model.head(pooled))
+        assert not torch.allclose(pooled, t.mean(dim=1))  # weighted, not a plain mean
 
 
 @pytest.mark.parametrize("pos", ["learned", "rope2d"])

@@ -10,6 +10,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from reports import analysis
+from study.results import ranked
 from study.spec import SpecError, parse_plan
 from study.tuner import BudgetAwareOptuna, SeedRepeats
 from studyutil import env_without_tracking, experiment, run, write
@@ -47,6 +48,16 @@ def test_each_configuration_trains_its_seeds_and_optuna_gets_their_mean(tmp_path
     assert list(shown.seeds) == ["5, 6", "5, 6"] and (shown.n == 2).all()
     assert shown["mean"].iloc[0] == pytest.approx(groups.val_acc.mean().max())
     assert len(runs) == 4 and set(runs["train.seed"]) == {5, 6}
+
+
+def test_the_best_configuration_is_the_best_mean_not_the_luckiest_seed():
+    table = pd.DataFrame({"trial_id": list("abcd"), "model.depth": [2, 2, 4, 4],
+                          "val_acc": [0.9, 0.1, 0.6, 0.6], "status": "completed", "budget": 1,
+                          "max_epochs": 1})
+    best = ranked(table, ["model.depth"])
+    assert list(best.trial_id[:2]) == ["c", "d"] and best.config_val_acc.iloc[0] == 0.6
+    assert list(best.config_trials) == [2] * 4
+    assert list(ranked(table).trial_id) == ["a", "c", "d", "b"]  # no configuration: each alone
 
 
 def space(trial) -> dict:

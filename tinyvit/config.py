@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 POS_EMBEDDINGS = ("learned", "sinusoidal", "sinusoidal2d", "rope2d", "none")
-POOLS = ("cls", "mean")
+POOLS = ("cls", "mean", "seq")
 STEMS = ("patch", "conv")
 SOURCES = ("cifar10", "imagefolder", "synthetic")
 PRECISIONS = ("auto", "fp32", "bf16")

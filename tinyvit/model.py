@@ -120,6 +120,20 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x))), weights
 
 
+class SeqPool(nn.Module):
+    """Sequence pooling (Hassani et al. 2021, "Escaping the big data paradigm with Compact
+    Transformers"): each token gets a learned score, and the image is the softmax-weighted sum of
+    its tokens. It replaces the CLS token: the model learns which tokens matter, at dim+1
+    parameters, instead of spending a token's attention on gathering them."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.score = nn.Linear(dim, 1)
+
+    def forward(self, x):  # x: [B, tokens, dim]
+        return (self.score(x).softmax(dim=1) * x).sum(dim=1)
+
+
 class TinyViT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -147,6 +161,7 @@ class TinyViT(nn.Module):
         rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
         self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
         self.norm = nn.LayerNorm(dim)
+        self.seq_pool = SeqPool(dim) if cfg.pool == "seq" else None
         self.head = nn.Linear(dim, cfg.num_classes)
         self.apply(_init)
         for p in (self.cls_token, self.pos_embed):
@@ -168,13 +183,16 @@ class TinyViT(nn.Module):
         for block in body:
             x, _ = block(x, self.rope)
         x, _ = last(x, self.rope, queries=1 if self.cls_token is not None else None)
+        if self.seq_pool is not None:  # as in CCT: the scores read normalized tokens
+            return self.head(self.seq_pool(self.norm(x)))
         x = x[:, 0] if self.cls_token is not None else x.mean(dim=1)
         return self.head(self.norm(x))
 
     @torch.no_grad()
     def attention_maps(self, x) -> torch.Tensor:
         """[depth, B, heads, grid, grid]: how much the CLS token attends to each patch in every
-        layer and head; with mean pooling (no CLS) the mean attention each patch receives."""
+        layer and head; without CLS (mean or sequence pooling) the mean attention each patch
+        receives."""
         x, maps = self.tokens(x), []
         for block in self.blocks:
             x, w = block(x, self.rope, need_weights=True)
