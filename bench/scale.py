@@ -27,7 +27,8 @@ What it reports, and how each figure is defined:
   the slot time per trial spent on anything but training (process and cluster start-up,
   scheduling, data hand-over, checkpoints, reporting, MLflow, the test pass, the end). Also
   its steady-state part, the same with W replaced by the span from the first epoch's start to
-  the last trial's end (1-s resolution: Ray's result timestamps), and plain W / N.
+  the last trial's end (1-s resolution: Ray's result timestamps); the part of it spent inside
+  the trial processes (Tune's `time_total_s` beyond the epochs); and plain W / N.
 - driver memory: the RSS of the `study.run` process alone (no children), sampled every 0.5 s;
   its peak, and its growth per 100 trials: the slope of a least-squares line of RSS against
   trials finished (from each trial's last result timestamp), over the samples taken after
@@ -304,6 +305,7 @@ def main() -> None:
 def report(args, wall, samples, trials, counts, log) -> None:
     results = [r for rs in trials.values() for r in rs]
     epochs = sum(r["epoch_seconds"] for r in results)
+    inside = sum(rs[-1]["time_total_s"] for rs in trials.values() if rs) - epochs
     ends = [rs[-1]["timestamp"] for rs in trials.values() if rs]
     first = min(r["timestamp"] - r["epoch_seconds"] for r in results if r["epoch"] == 1)
     start = samples[0][0]
@@ -332,6 +334,8 @@ def report(args, wall, samples, trials, counts, log) -> None:
     print(f"cost      {cost:.3f} s per trial = ({wall:.1f} s x {slots} - {epochs:.1f} s) / {n}; "
           f"steady state {steady:.3f} s (command to first epoch {first - start:.1f} s, last "
           f"trial's end to exit {start + wall - max(ends):.1f} s)")
+    print(f"          of which inside the trials' processes {inside / n:.3f} s per trial (Tune's "
+          f"time_total_s beyond the epochs: set-up, checkpoints, reports, the test pass)")
     growth = (f"{mem['growth']:+.2f} MiB per 100 trials over trials {mem['fit_span'][0]}-"
               f"{mem['fit_span'][1]} ({mem['at_warmup']:.0f} -> {mem['at_end']:.0f} MiB, "
               f"{mem['fit_samples']} samples)" if mem["growth"] == mem["growth"]
