@@ -273,9 +273,10 @@ def _int(v, key: str, lo: int) -> int:
     return v
 
 
-def study_id(plan: Plan, resume: bool) -> str:
+def study_id(plan: Plan, resume: bool, flag: str = "--resume") -> str:
     """The study instance's id. A new study must not overwrite one with results; a resumed one
-    must be the study that was started, not an edited file (the changed keys are named)."""
+    (or one replayed into MLflow: `flag`) must be the study that was started, not an edited file
+    (the changed keys are named)."""
     state, record = plan.path / "tuner.pkl", plan.path / RECORD
     if not resume:
         if state.exists():
@@ -283,18 +284,18 @@ def study_id(plan: Plan, resume: bool) -> str:
                             "it with --resume, or choose another name (--set name=...) or storage")
         return uuid.uuid4().hex
     if not state.exists() or not record.exists():
-        raise SpecError(f"--resume: no study to resume at {plan.path} (storage/name of the file)")
+        raise SpecError(f"{flag}: no study at {plan.path} (storage/name of the file)")
     try:
         saved = yaml.safe_load(record.read_text())
         started, identity = saved["experiment"], saved["study_id"]
     except (OSError, yaml.YAMLError, TypeError, KeyError):
-        raise SpecError(f"--resume: {record} is unreadable; the study cannot be resumed") from None
+        raise SpecError(f"{flag}: {record} is unreadable") from None
     changed = sorted(k for k in set(_flat(started)) | set(_flat(plan.source))
                      if _flat(started).get(k, "<unset>") != _flat(plan.source).get(k, "<unset>"))
     if changed:
-        raise SpecError(f"--resume: the experiment differs from the one study '{plan.name}' "
-                        f"started with, in {', '.join(changed)}; resume it unchanged or start a "
-                        "new study")
+        raise SpecError(f"{flag}: the experiment differs from the one study '{plan.name}' "
+                        f"started with, in {', '.join(changed)}; give the file and --set values "
+                        "it started with, or start a new study")
     return identity
 
 

@@ -1,18 +1,13 @@
-"""MLflow: one run per trial, logged from the driver.
-
-Logging from the driver (a Tune callback) rather than from trial processes means one writer per
-store, so an embedded SQLite file never locks, and workers on other nodes need no route to the
-tracking server. Runs are found again by their study and trial ids, because `Tuner.restore` does
-not remember them: a resumed study continues the same runs instead of duplicating them, and never
-touches the runs of another study that shares its name.
-"""
+"""MLflow: the study's run, one run per trial, written from the driver through its outbox."""
 from __future__ import annotations
 
 import getpass
 import hashlib
 import json
 import subprocess
+import time
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
@@ -24,6 +19,7 @@ import contract as c
 from tinyvit.config import Config
 from tinyvit.data import Arrays
 
+from .outbox import Outbox
 from .spec import Plan
 
 
@@ -86,128 +82,295 @@ def git_commit() -> str:
         return "unknown"
 
 
-class MlflowTrials(tune.Callback):
-    def __init__(self, uri: str, plan: Plan, identity: str, dataset: DatasetInput,
-                 experiment: Future | None = None):
-        self.uri, self.plan, self.dataset = uri, plan, dataset
-        self.experiment = experiment_of(uri, plan)
-        self._pending, self._experiment_id, self._parent = experiment, None, None
-        commit = git_commit()
-        self.tags = {c.STUDY: plan.name, c.STUDY_ID: identity, c.MODE: plan.design.mode,
-                     c.SEARCHED: ",".join(plan.design.searched), c.RESULTS: str(plan.path),
-                     c.GIT_COMMIT: commit, **plan.analysis_tags(),
-                     # what MLflow's UI shows as a run's source, user and version
-                     "mlflow.source.name": "python -m study.run", "mlflow.source.type": "LOCAL",
-                     "mlflow.source.git.commit": commit, "mlflow.user": getpass.getuser()}
-        self.client, self.runs = None, {}
+STUDY_LEVEL = (c.GIT_COMMIT, "mlflow.source.git.commit", "mlflow.user")  # who ran it, and what
 
-    def __getstate__(self):  # Tuner pickles its callbacks: a restored one looks its ids up again
-        return {**self.__dict__, "client": None, "runs": {}, "_pending": None,
-                "_experiment_id": None, "_parent": None}
+
+def study_tags(plan: Plan, identity: str) -> dict:
+    """The tags of the study's run and of every trial's run: which study, run by what."""
+    commit = git_commit()
+    return {c.STUDY: plan.name, c.STUDY_ID: identity, c.MODE: plan.design.mode,
+            c.SEARCHED: ",".join(plan.design.searched), c.RESULTS: str(plan.path),
+            c.GIT_COMMIT: commit, **plan.analysis_tags(),
+            # what MLflow's UI shows as a run's source, user and version
+            "mlflow.source.name": "python -m study.run", "mlflow.source.type": "LOCAL",
+            "mlflow.source.git.commit": commit, "mlflow.user": getpass.getuser()}
+
+
+@dataclass
+class Op:
+    """One write to MLflow, waiting in the outbox: `kind` names the `Runs` method applying it."""
+    kind: str  # open | log | fill | close | end
+    trial_id: str | None = None
+    config: dict | None = None  # the trial's Ray config: its run is created from it if need be
+    args: dict = field(default_factory=dict)
+
+
+def result_entries(result: dict) -> tuple[list[Metric], dict]:
+    """What one of a trial's results puts in its run: the epoch's metrics, with the epoch as
+    step and Ray's own timestamp (a result sent twice is then the same point twice, which
+    MLflow keeps once), the parameter count at step 0 with the first epoch, and tags."""
+    step, now = int(result["epoch"]), int(result.get("timestamp", 0)) * 1000
+    metrics = [Metric(k, float(result[k]), now, step)
+               for k in (*c.EPOCH_METRICS, *c.FINAL_METRICS) if k in result]
+    if step == 1:
+        metrics.append(Metric(c.PARAM_COUNT, float(result[c.PARAM_COUNT]), now, 0))
+    return metrics, {c.BUDGET: str(step), c.NODE: str(result.get("node_id", ""))}
+
+
+def opened(trial, reopen: bool, start_ms: int | None) -> Op:
+    """The trial's run, found again by its tags or created; `reopen` marks a found one as
+    running again (a resumed study, a retried trial)."""
+    return Op("open", trial.trial_id, trial.config, {"reopen": reopen, "start_ms": start_ms})
+
+
+def logged(trial, result: dict) -> Op:
+    metrics, tags = result_entries(result)
+    return Op("log", trial.trial_id, trial.config, {"metrics": metrics, "tags": tags})
+
+
+def filled(trial, results: list[dict]) -> Op:
+    """The trial's results as Ray holds them, of which the run gets the points it lacks."""
+    return Op("fill", trial.trial_id, trial.config, {"results": results})
+
+
+def closed(plan: Plan, trial, errored: bool) -> Op:
+    """The trial's outcome: status and budget tags, the checkpoint of a completed trial, the
+    run terminated when its last result came (so that a late or repeated write moves nothing)."""
+    last = trial.last_result or {}
+    budget = int(last.get("epoch", 0))
+    status = (c.ERRORED if errored
+              else c.trial_status(budget, plan.trial_config(trial.config).train.epochs))
+    end = last.get("timestamp")
+    return Op("close", trial.trial_id, trial.config, {
+        "status": status, "budget": budget, "error": _error_line(trial) if errored else None,
+        "checkpoint": trial.checkpoint if status == c.COMPLETED else None,
+        "end_ms": int(end) * 1000 if end else None})
+
+
+def ended(trials, end_ms: int | None) -> Op:
+    return Op("end", args={"known": [t.trial_id for t in trials], "end_ms": end_ms})
+
+
+class Runs:
+    """The study's runs in MLflow: the study's parent run, one child run per trial. Runs are
+    found again by their study and trial ids, because `Tuner.restore` does not remember them:
+    a resumed study continues the same runs instead of duplicating them, and never touches the
+    runs of another study that shares its name. Every operation can be applied again (after an
+    answer lost on its way back, or replayed from Ray's results) without writing anything twice.
+    A replay never marks a run running again, and takes the study's git commit and user from
+    the study's run, which the study's own driver wrote."""
+
+    def __init__(self, uri: str, plan: Plan, identity: str, dataset: DatasetInput,
+                 experiment: Future | None = None, replay: bool = False):
+        self.uri, self.plan, self.dataset, self.replay = uri, plan, dataset, replay
+        self.client = MlflowClient(uri)
+        self.tags = study_tags(plan, identity)
+        self._pending, self._experiment_id, self._parent = experiment, None, None
+        self.runs: dict[str, str] = {}  # trial id -> run id
+        self.added = 0  # points a fill found missing
 
     @property
     def experiment_id(self) -> str:
         """The first trial waits here, if at all, for the set-up that the driver started in a
         thread alongside Tune's start-up; a restored study finds it by name."""
         if self._experiment_id is None:
-            self._experiment_id = (self._pending.result() if self._pending is not None
-                                   else prepare_experiment(self.uri, *self.experiment))
+            pending, self._pending = self._pending, None  # failed once: by name, retried
+            self._experiment_id = (pending.result() if pending is not None
+                                   else prepare_experiment(self.uri, *experiment_of(self.uri,
+                                                                                    self.plan)))
         return self._experiment_id
-
-    def setup(self, **info):
-        self.client = MlflowClient(self.uri)
 
     def _own_runs(self, extra: str = "") -> list:
         # ids are hex: safe inside the filter whatever the study's name or folder holds
         query = f"tags.{c.STUDY_ID} = '{self.tags[c.STUDY_ID]}'" + extra
         return self.client.search_runs([self.experiment_id], query, max_results=50000)
 
-    @property
-    def parent_id(self) -> str:
+    def parent_id(self, start_ms: int | None = None, reopen: bool = False) -> str:
         """The study's parent run (found again on --resume), every trial's run its child."""
         if self._parent is None:
             found = self._own_runs(f" and tags.{c.RUN_KIND} = '{c.STUDY_RUN}'")
-            if found:
-                self._parent = found[0].info.run_id
-                self.client.update_run(self._parent, status="RUNNING")
-            else:
-                self._parent = self.client.create_run(
-                    self.experiment_id, run_name=self.plan.name,
+            if not found:
+                parent = self.client.create_run(
+                    self.experiment_id, start_ms, run_name=self.plan.name,
                     tags={**self.tags, c.RUN_KIND: c.STUDY_RUN}).info.run_id
-                fixed = [Param(k, str(v)) for k, v in self.plan.config.flat().items()]
-                self.client.log_batch(self._parent, params=fixed)
-                self.client.log_inputs(self._parent, [self.dataset])
+            else:
+                parent = found[0].info.run_id
+                if self.replay:
+                    self.tags.update({k: v for k, v in found[0].data.tags.items()
+                                      if k in STUDY_LEVEL})
+                elif reopen:
+                    self.client.update_run(parent, status="RUNNING")
+            # again on a found run: its creation may have been cut short before these
+            fixed = [Param(k, str(v)) for k, v in self.plan.config.flat().items()]
+            self.client.log_batch(parent, params=fixed)
+            self.client.log_inputs(parent, [self.dataset])
+            self._parent = parent
         return self._parent
 
-    def run_id(self, trial) -> str:
-        if trial.trial_id in self.runs:
-            return self.runs[trial.trial_id]
-        found = self._own_runs(f" and tags.{c.TRIAL_ID} = '{trial.trial_id}'")
-        if found:  # a resumed study or a retried trial: continue its run
-            run_id = found[0].info.run_id
-            self.client.update_run(run_id, status="RUNNING")
+    def run_id(self, trial_id: str, config: dict, start_ms: int | None = None,
+               reopen: bool = False) -> str:
+        if trial_id in self.runs:
+            return self.runs[trial_id]
+        found = self._own_runs(f" and tags.{c.TRIAL_ID} = '{trial_id}'")
+        if not found:
+            run_id = self._create(trial_id, config, start_ms, reopen)
         else:
-            cfg = self.plan.trial_config(trial.config)
-            sampled = self.plan.sampled(trial.config)
-            tags = {**self.tags, c.TRIAL_ID: trial.trial_id, c.SEED: str(cfg.train.seed),
-                    c.MAX_EPOCHS: str(cfg.train.epochs), c.BUDGET: "0", c.STATUS: c.RUNNING,
-                    c.SAMPLED: ",".join(sampled), c.PARENT: self.parent_id,
-                    c.RUN_KIND: c.TRIAL_RUN}
-            cell = self.plan.design.cell(trial.config)
-            if cell is not None:
-                tags[c.CELL] = cell
-            run_id = self.client.create_run(self.experiment_id,
-                                            run_name=run_name(self.plan, trial.config),
-                                            tags=tags).info.run_id
-            unsampled = set(self.plan.design.searched) - set(sampled)
-            self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in cfg.flat().items()
-                                                  if k not in unsampled])
-            self.client.log_inputs(run_id, [self.dataset])
-        self.runs[trial.trial_id] = run_id
+            run_id = found[0].info.run_id
+            if reopen and not self.replay:  # a resumed study or a retried trial: its run goes on
+                self.client.update_run(run_id, status="RUNNING")
+        # again on a found run: its creation may have been cut short before these
+        cfg, unsampled = self.plan.trial_config(config), (set(self.plan.design.searched)
+                                                         - set(self.plan.sampled(config)))
+        self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in cfg.flat().items()
+                                              if k not in unsampled])
+        self.client.log_inputs(run_id, [self.dataset])
+        self.runs[trial_id] = run_id
         return run_id
 
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self.run_id(trial)
+    def _create(self, trial_id: str, config: dict, start_ms: int | None, reopen: bool) -> str:
+        """A trial's run and its tags: what it is, where it stands, whose child it is."""
+        cfg = self.plan.trial_config(config)
+        tags = {**self.tags, c.TRIAL_ID: trial_id, c.SEED: str(cfg.train.seed),
+                c.MAX_EPOCHS: str(cfg.train.epochs), c.BUDGET: "0", c.STATUS: c.RUNNING,
+                c.SAMPLED: ",".join(self.plan.sampled(config)),
+                c.PARENT: self.parent_id(start_ms, reopen), c.RUN_KIND: c.TRIAL_RUN}
+        cell = self.plan.design.cell(config)
+        if cell is not None:
+            tags[c.CELL] = cell
+        return self.client.create_run(self.experiment_id, start_ms, tags=tags,
+                                      run_name=run_name(self.plan, config)).info.run_id
 
-    on_trial_restore = on_trial_start
+    def apply(self, ops: list[Op]) -> None:
+        if ops[0].kind == "log":
+            return self.log(ops)
+        (op,) = ops
+        getattr(self, op.kind)(op)
 
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        step, now = int(result["epoch"]), int(result.get("timestamp", 0)) * 1000
-        metrics = [Metric(k, float(result[k]), now, step)
-                   for k in (*c.EPOCH_METRICS, *c.FINAL_METRICS) if k in result]
-        if step == 1:
-            metrics.append(Metric(c.PARAM_COUNT, float(result[c.PARAM_COUNT]), now, 0))
-        tags = [RunTag(c.BUDGET, str(step)), RunTag(c.NODE, str(result.get("node_id", "")))]
-        self.client.log_batch(self.run_id(trial), metrics=metrics, tags=tags)
+    def open(self, op: Op) -> None:
+        self.run_id(op.trial_id, op.config, op.args["start_ms"], op.args["reopen"])
 
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        run_id = self.run_id(trial)
-        budget = int((trial.last_result or {}).get("epoch", 0))
-        status = c.trial_status(budget, self.plan.trial_config(trial.config).train.epochs)
-        self.client.set_tag(run_id, c.STATUS, status)
-        self.client.set_tag(run_id, c.BUDGET, str(budget))
-        if status == c.COMPLETED and trial.checkpoint:  # the reports draw its attention maps
-            with trial.checkpoint.as_directory() as folder:
-                self.client.log_artifact(run_id, str(Path(folder) / c.CHECKPOINT_FILE),
-                                         c.CHECKPOINT_DIR)
-        self.client.set_terminated(run_id, "FINISHED")
+    def log(self, ops: list[Op]) -> None:
+        """Results, in one log_batch per trial (in order: the last budget tag stays)."""
+        by_trial: dict[str, list[Op]] = {}
+        for op in ops:
+            by_trial.setdefault(op.trial_id, []).append(op)
+        for trial_ops in by_trial.values():
+            metrics = [m for op in trial_ops for m in op.args["metrics"]]
+            tags = {k: v for op in trial_ops for k, v in op.args["tags"].items()}
+            self._log_batch(self.run_id(trial_ops[0].trial_id, trial_ops[0].config),
+                            metrics, tags)
 
-    def on_experiment_end(self, trials, **info):
+    def fill(self, op: Op) -> None:
+        """The points of Ray's results the run lacks, one per (metric, step): a result that
+        Ray holds twice (an epoch re-run after a resume) counts once, by its last value."""
+        run_id = self.run_id(op.trial_id, op.config)
+        points, tags = {}, {}
+        for result in op.args["results"]:
+            metrics, tags = result_entries(result)
+            points.update({(m.key, m.step): m for m in metrics})
+        have = {(key, m.step) for key in {k for k, _ in points}
+                for m in self.client.get_metric_history(run_id, key)}
+        missing = [m for kv, m in points.items() if kv not in have]
+        self._log_batch(run_id, missing, tags)
+        self.added += len(missing)
+
+    def _log_batch(self, run_id: str, metrics: list[Metric], tags: dict) -> None:
+        if not metrics and not tags:
+            return
+        size = 900  # MLflow takes at most 1000 values in one log_batch
+        for i in range(0, max(len(metrics), 1), size):
+            self.client.log_batch(run_id, metrics=metrics[i:i + size],
+                                  tags=[RunTag(k, v) for k, v in tags.items()] if i == 0 else [])
+
+    def close(self, op: Op) -> None:
+        run_id, a = self.run_id(op.trial_id, op.config), op.args
+        tags = {c.STATUS: a["status"], c.BUDGET: str(a["budget"])}
+        if a["error"] is not None:
+            tags[c.ERROR] = a["error"]
+        self._log_batch(run_id, [], tags)
+        if a["checkpoint"] is not None:  # the reports draw its attention maps
+            with a["checkpoint"].as_directory() as folder:
+                path = Path(folder) / c.CHECKPOINT_FILE
+                stored = {f.path: f.file_size
+                          for f in self.client.list_artifacts(run_id, c.CHECKPOINT_DIR)}
+                if stored.get(c.CHECKPOINT) != path.stat().st_size:  # none, or cut short
+                    self.client.log_artifact(run_id, str(path), c.CHECKPOINT_DIR)
+        self.client.set_terminated(run_id, "FAILED" if a["status"] == c.ERRORED else "FINISHED",
+                                   end_time=a["end_ms"])
+
+    def end(self, op: Op) -> None:
         """A driver killed between creating a trial's run and saving the trial in Ray's state
         leaves a run for a trial that --resume never knew: delete it (MLflow keeps deleted
         runs restorable), so that the study ends with exactly one run per trial. Only this
         study instance's runs are looked at."""
-        known = {t.trial_id for t in trials}
+        known = set(op.args["known"])
         for run in self._own_runs(f" and tags.{c.RUN_KIND} = '{c.TRIAL_RUN}'"):
             if run.data.tags.get(c.TRIAL_ID) not in known:
                 self.client.delete_run(run.info.run_id)
-        self.client.set_terminated(self.parent_id, "FINISHED")
+        parent = self.parent_id()
+        if self.client.get_run(parent).info.status != "FINISHED":  # ended once is enough
+            self.client.set_terminated(parent, "FINISHED", end_time=op.args["end_ms"])
+
+
+# study id -> its outbox, in the driver. Tuner.restore rebuilds the callback from its pickle, so
+# the driver reaches the outbox here (to wait for it at the study's end), not through the
+# callback object it made.
+_OUTBOXES: dict[str, Outbox] = {}
+
+
+def open_outbox(uri: str, plan: Plan, identity: str, dataset: DatasetInput,
+                experiment: Future | None = None) -> Outbox:
+    if identity not in _OUTBOXES:
+        runs = Runs(uri, plan, identity, dataset, experiment)
+        _OUTBOXES[identity] = Outbox(runs.apply, uri)
+    return _OUTBOXES[identity]
+
+
+def finish(identity: str, patience: float, more: list[Op] = ()) -> int:
+    """At the study's end: `more` operations queued last, then the wait for MLflow to take
+    them all (Outbox.close); the number it missed."""
+    outbox = _OUTBOXES.pop(identity, None)
+    if outbox is None:
+        return 0
+    for op in more:
+        outbox.put(op)
+    return outbox.close(patience)
+
+
+class MlflowTrials(tune.Callback):
+    """One MLflow run per trial, logged from the driver. Logging from the driver rather than
+    from trial processes means one writer per store, so an embedded SQLite file never locks,
+    and workers on other nodes need no route to the tracking server. Tune's loop only queues
+    what happened; the driver's outbox writes it."""
+
+    def __init__(self, uri: str, plan: Plan, identity: str, dataset: DatasetInput,
+                 experiment: Future | None = None):
+        self.uri, self.plan, self.identity, self.dataset = uri, plan, identity, dataset
+        self._experiment, self.outbox = experiment, None
+
+    def __getstate__(self):  # Tuner pickles its callbacks: a restored one looks its ids up again
+        return {**self.__dict__, "_experiment": None, "outbox": None}
+
+    def setup(self, **info):
+        self.outbox = open_outbox(self.uri, self.plan, self.identity, self.dataset,
+                                  self._experiment)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.outbox.put(opened(trial, reopen=True, start_ms=int(time.time() * 1000)))
+
+    on_trial_restore = on_trial_start
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.outbox.put(logged(trial, result))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.outbox.put(closed(self.plan, trial, errored=False))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        run_id = self.run_id(trial)
-        self.client.set_tag(run_id, c.STATUS, c.ERRORED)
-        self.client.set_tag(run_id, c.ERROR, _error_line(trial))
-        self.client.set_terminated(run_id, "FAILED")
+        self.outbox.put(closed(self.plan, trial, errored=True))
+
+    def on_experiment_end(self, trials, **info):
+        self.outbox.put(ended(trials, int(time.time() * 1000)))
 
 
 def publish(plan: Plan, uri: str, identity: str, best_trial: str | None, report: Path | None,
@@ -224,9 +387,7 @@ def publish(plan: Plan, uri: str, identity: str, best_trial: str | None, report:
     from tinyvit.train import load_checkpoint
 
     client, lines = MlflowClient(uri), []
-    experiment = client.get_experiment_by_name(plan.experiment).experiment_id
-    own = client.search_runs([experiment], f"tags.{c.STUDY_ID} = '{identity}'", max_results=50000)
-    parent = next(r.info.run_id for r in own if r.data.tags.get(c.RUN_KIND) == c.STUDY_RUN)
+    _, parent, own = _study_runs(client, plan, identity)
     if report is not None:
         client.log_artifacts(parent, str(report), c.REPORT_DIR)
         lines.append(f"report    attached to the study's run, artifacts {c.REPORT_DIR}/")
@@ -262,6 +423,25 @@ def publish(plan: Plan, uri: str, identity: str, best_trial: str | None, report:
     return lines
 
 
+def published(plan: Plan, uri: str, identity: str, best_trial: str | None) -> tuple[bool, bool]:
+    """Whether the study's run has its report and the best trial's run its model: what a
+    replay of the study's end has left to publish."""
+    client = MlflowClient(uri)
+    experiment, parent, own = _study_runs(client, plan, identity)
+    best = next((r.info.run_id for r in own if r.data.tags.get(c.TRIAL_ID) == best_trial), None)
+    return (bool(client.list_artifacts(parent, c.REPORT_DIR)),
+            best is None or bool(client.search_logged_models(
+                [experiment], f"source_run_id = '{best}' AND name = '{c.MODEL}'")))
+
+
+def _study_runs(client: MlflowClient, plan: Plan, identity: str) -> tuple[str, str, list]:
+    """The experiment's id, the study's run id, and all the study's runs."""
+    experiment = client.get_experiment_by_name(plan.experiment).experiment_id
+    own = client.search_runs([experiment], f"tags.{c.STUDY_ID} = '{identity}'", max_results=50000)
+    parent = next(r.info.run_id for r in own if r.data.tags.get(c.RUN_KIND) == c.STUDY_RUN)
+    return experiment, parent, own
+
+
 def _package_dir() -> str:
     import tinyvit
 
@@ -269,9 +449,9 @@ def _package_dir() -> str:
 
 
 def _error_line(trial) -> str:
-    """The last line of the trial's traceback: the exception and its message."""
-    path = getattr(trial, "error_file", None)
-    if path and Path(path).exists():
-        lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
-        return lines[-1][:500] if lines else "unknown error"
-    return "unknown error"
+    """The last line of the trial's traceback: the exception and its message. Read where the
+    driver wrote it, else (a study read back from its folder) from the trial's folder."""
+    path = trial.error_file
+    text = Path(path).read_text() if path and Path(path).exists() else trial.get_error() or ""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return lines[-1][:500] if lines else "unknown error"

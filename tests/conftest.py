@@ -31,25 +31,54 @@ def tiny_cfg(tiny) -> Config:
     return Config.from_dict(tiny)
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A real `mlflow server` on loopback with a SQLite store, in its own process group."""
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    uri = f"http://127.0.0.1:{port}"
+class MlflowServer:
+    """A real `mlflow server` on loopback with a SQLite store, in its own process group: it can
+    be killed and started again on the same port and store."""
 
-    def healthy():
+    def __init__(self, folder):
+        self.folder, self.port, self.process = folder, free_port(), None
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "MlflowServer":
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
+             "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
+             "--artifacts-destination", str(self.folder / "server-artifacts"), "--workers", "1"],
+            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(self.healthy, timeout=180, what="mlflow server")  # a busy machine: 75 s seen
+        return self
+
+    def healthy(self) -> bool:
         try:
-            return urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200
+            return urllib.request.urlopen(f"{self.uri}/health", timeout=2).status == 200
         except OSError:
             return False
+
+    def stop(self, sig=signal.SIGTERM) -> None:
+        """The whole process group (SIGKILL: a crash, nothing flushed or answered); killed if
+        a SIGTERM is not done in 30 s (a busy machine)."""
+        if self.process is not None:
+            os.killpg(self.process.pid, sig)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=30)
+            self.process = None
+
+
+@pytest.fixture
+def mlflow_process(tmp_path):
+    """An `MlflowServer`, not yet started; stopped at the test's end."""
+    server = MlflowServer(tmp_path)
     try:
-        wait_for(healthy, timeout=90, what="mlflow server")
-        yield uri
+        yield server
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        server.stop()
+
+
+@pytest.fixture
+def mlflow_server(mlflow_process):
+    """The URI of a running `MlflowServer`."""
+    yield mlflow_process.start().uri

@@ -1,0 +1,108 @@
+"""A tracking server that dies under a running study: a real `mlflow server` killed (SIGKILL to
+its process group) while trials train, then started again on the same port and SQLite store, or
+never. MLflow must end up holding exactly what Ray holds: one run per trial, one point per
+(metric, step), read back against the trials' result.json files."""
+import shlex
+import signal
+import subprocess
+import sys
+
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+import contract as c
+from studyutil import REPO, env_without_tracking, experiment, start, trial_results, wait_for, write
+
+
+def small_study(tmp_path, name: str) -> dict:
+    d = experiment(tmp_path, name=name, scheduler={"type": "none"})
+    d["search"]["num_samples"] = 2
+    return d
+
+
+def first_epoch_logged(uri: str, name: str):
+    """Runs of the experiment `name` with a val_acc logged (none before the experiment is)."""
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(name)
+    return found and client.search_runs([found.experiment_id], "metrics.val_acc > -1")
+
+
+def assert_mlflow_holds_what_ray_holds(uri: str, name: str, study) -> None:
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    parents = [r for r in runs if r.data.tags[c.RUN_KIND] == c.STUDY_RUN]
+    trials = {r.data.tags[c.TRIAL_ID]: r for r in runs if r.data.tags[c.RUN_KIND] == c.TRIAL_RUN}
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(trials) == len(runs) - 1  # one run per trial id
+    ray = {rows[0]["trial_id"]: rows for rows in trial_results(study).values()}
+    assert sorted(trials) == sorted(ray)
+    table = pd.read_csv(study / "trials.csv").set_index("trial_id")
+    for trial_id, rows in ray.items():
+        run, row = trials[trial_id], table.loc[trial_id]
+        assert run.data.tags[c.PARENT] == parents[0].info.run_id
+        assert run.data.tags[c.STATUS] == row[c.STATUS] == c.COMPLETED
+        assert run.data.tags[c.BUDGET] == str(row[c.BUDGET]) and run.info.status == "FINISHED"
+        for key in (*c.EPOCH_METRICS, *c.FINAL_METRICS, c.PARAM_COUNT):
+            logged = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id,
+                                                                                 key))
+            step = 0 if key == c.PARAM_COUNT else None
+            assert logged == sorted((r["epoch"] if step is None else step, r[key])
+                                    for r in rows if key in r and (step is None
+                                                                   or r["epoch"] == 1)), key
+        assert [a.path for a in client.list_artifacts(run.info.run_id, c.CHECKPOINT_DIR)] == \
+            [c.CHECKPOINT]
+
+
+def test_a_server_down_mid_study_holds_results_back_and_gets_them_all(tmp_path, mlflow_process):
+    server = mlflow_process.start()
+    d = small_study(tmp_path, "outage")
+    d["train"]["epochs"] = 3
+    # the driver waits for the server at the study's end as long as a busy machine needs to
+    # start one (over a minute seen)
+    driver = start(write(tmp_path, d), "--tracking-uri", server.uri, "--mlflow-wait", "300",
+                   env=env_without_tracking())
+    study = tmp_path / "runs" / "outage"
+    wait_for(lambda: first_epoch_logged(server.uri, "outage"), what="an epoch in MLflow")
+    server.stop(signal.SIGKILL)
+
+    def results() -> int:
+        return sum(len(rows) for rows in trial_results(study).values())
+    at_kill = results()
+    wait_for(lambda: results() > at_kill, what="trials training on without MLflow")
+    server.start()
+    out, _ = driver.communicate(timeout=300)
+    assert driver.returncode == 0, out[-4000:]
+    assert "is not answering" in out and "answers again" in out and "missed" not in out, out
+    assert_mlflow_holds_what_ray_holds(server.uri, "outage", study)
+    assert "registry  outage version 1" in out
+
+
+def test_a_server_gone_for_good_ends_the_study_and_one_command_replays_it(tmp_path,
+                                                                          mlflow_process):
+    server = mlflow_process.start()
+    path = write(tmp_path, small_study(tmp_path, "gone"))
+    driver = start(path, "--tracking-uri", server.uri, "--mlflow-wait", "2",
+                   env=env_without_tracking())
+    study = tmp_path / "runs" / "gone"
+    wait_for(lambda: first_epoch_logged(server.uri, "gone"), what="an epoch in MLflow")
+    server.stop(signal.SIGKILL)
+    out, _ = driver.communicate(timeout=300)
+    assert driver.returncode == 0, out[-4000:]
+    # Ray's results stand: the table and the best config, from Ray's own state
+    assert len(pd.read_csv(study / "trials.csv")) == 2 and (study / "best_config.yaml").exists()
+    missed = [line for line in out.splitlines() if line.startswith("mlflow    missed ")]
+    assert len(missed) == 1 and int(missed[0].split()[2]) > 0, out[-4000:]
+    assert "publish   skipped" in out and "registry" not in out
+    command = shlex.split(missed[0].split("replay them into MLflow with: ")[1])
+    assert command[:3] == ["python", "-m", "study.run"] and command[-1] == "--sync-mlflow"
+
+    server.start()
+    replays = [subprocess.run([sys.executable, *command[1:]], cwd=REPO, capture_output=True,
+                              text=True, timeout=300, env=env_without_tracking())
+               for _ in range(2)]
+    assert [r.returncode for r in replays] == [0, 0], replays[0].stdout + replays[0].stderr
+    first, again = (r.stdout for r in replays)
+    assert "registry  gone version 1" in first and "(0 missing points" not in first
+    assert "(0 missing points written)" in again and "in MLflow already" in again
+    assert_mlflow_holds_what_ray_holds(server.uri, "gone", study)
+    assert len(MlflowClient(server.uri).search_model_versions("name = 'gone'")) == 1
