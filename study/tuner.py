@@ -25,6 +25,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from contract import MAX_EPOCHS
 
+from .progress import Progress
 from .spec import Plan, SpecError, record_start
 from .trainable import run_trial
 
@@ -250,6 +251,7 @@ def _run_config(plan: Plan, uri: str, identity: str, arrays, experiment: Future)
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     return RunConfig(name=plan.name, storage_path=str(plan.storage), verbose=1,
                      callbacks=[MlflowTrials(uri, plan, identity,
-                                             dataset_input(plan.config, arrays), experiment)],
+                                             dataset_input(plan.config, arrays), experiment),
+                                Progress()],
                      failure_config=FailureConfig(max_failures=plan.max_failures),
                      checkpoint_config=CheckpointConfig(num_to_keep=2))

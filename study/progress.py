@@ -1,0 +1,92 @@
+"""What a long study is doing, in one line every 30 s, and how responsive its driver stayed.
+
+Ray Tune's driver runs one loop: each step takes at most one event (a trial's result, its end, a
+new trial), runs every callback on it, and saves the experiment's state. A step that takes long
+(a slow callback, a large state to save) holds every other trial's event back, so the longest
+step is the driver's worst stall; it is printed when the study ends, beside the longest pause
+between steps (time spent outside the loop's steps, in Tune's own reporting).
+"""
+from __future__ import annotations
+
+import time
+
+from ray import tune
+from ray.tune.experiment import Trial
+
+EVERY_S = 30.0  # between progress lines
+
+
+class Progress(tune.Callback):
+    def setup(self, total_num_samples: int | None = None, **info):
+        """Called by Tune as a study starts or resumes, with the trials it plans in all."""
+        self.total = total_num_samples or 0
+        self.start = self.last_line = time.monotonic()
+        # the ETA is drawn from the pace since this driver's first trial started (the cluster's
+        # start-up is no part of it): trials ended under this driver per second
+        self.first_trial, self.done, self.eta_shown = None, 0, False
+        self.steps, self.step_began, self.step_ended = 0, None, None
+        self.longest_step, self.longest_step_at, self.longest_step_when = 0.0, 0, 0.0
+        self.longest_pause = 0.0
+
+    def on_step_begin(self, iteration, trials, **info):
+        now = time.monotonic()
+        if self.step_ended is not None:
+            self.longest_pause = max(self.longest_pause, now - self.step_ended)
+        self.step_began = now
+
+    def on_step_end(self, iteration, trials, **info):
+        now = time.monotonic()
+        self.steps += 1
+        if now - self.step_began > self.longest_step:
+            self.longest_step, self.longest_step_at = now - self.step_began, self.steps
+            self.longest_step_when = now - self.start
+        self.step_ended = now
+        # also as soon as the first trial ends: the first line that can give an ETA
+        if now - self.last_line >= EVERY_S or (self.done and not self.eta_shown):
+            self.last_line, self.eta_shown = now, self.done > 0
+            print(self.line(trials, now), flush=True)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        if self.first_trial is None:
+            self.first_trial = time.monotonic()
+
+    on_trial_restore = on_trial_start  # a resumed study's unfinished trials
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.done += 1
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.done += 1
+
+    def line(self, trials: list, now: float) -> str:
+        finished = sum(t.status in (Trial.TERMINATED, Trial.ERROR) for t in trials)
+        errored = sum(t.status == Trial.ERROR for t in trials)
+        running = sum(t.status == Trial.RUNNING for t in trials)
+        pending = max(0, self.total - finished - running)
+        elapsed = now - self.start
+        if finished >= self.total:
+            eta = ""
+        elif self.done:
+            pace = (now - (self.first_trial or self.start)) / self.done
+            eta = f", about {duration(pace * (self.total - finished))} to go"
+        else:
+            eta = ", no ETA before a trial ends"
+        return (f"progress  {finished} of {self.total} trials finished ({errored} errored), "
+                f"{running} running, {pending} pending; {duration(elapsed)} elapsed{eta}")
+
+    def on_experiment_end(self, trials, **info):
+        now = time.monotonic()
+        print(self.line(trials, now), flush=True)
+        print(f"driver    longest loop step {self.longest_step:.2f} s (step "
+              f"{self.longest_step_at} of {self.steps}, at {duration(self.longest_step_when)}), "
+              f"longest pause between steps "
+              f"{self.longest_pause:.2f} s; trials {self.done} in {now - self.start:.1f} s",
+              flush=True)
+
+
+def duration(seconds: float) -> str:
+    """3h05m, 4m12s, 9s."""
+    s = round(seconds)
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
