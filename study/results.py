@@ -23,7 +23,10 @@ def trial_table(plan: Plan) -> tuple[pd.DataFrame, dict[str, Config]]:
         last = trial.last_result or {}
         history = analysis.trial_dataframes.get(trial.trial_id)
         budget = int(last.get("epoch", 0))
-        status = c.ERRORED if trial.status == "ERROR" else c.trial_status(budget, cfg.train.epochs)
+        # a trial a stopped driver left unfinished is running (--resume continues it), not
+        # stopped early: only a trial Ray terminated can have been stopped by the scheduler
+        status = (c.ERRORED if trial.status == "ERROR" else c.RUNNING if trial.status != "TERMINATED"
+                  else c.trial_status(budget, cfg.train.epochs))
         best = history["val_acc"].max() if history is not None and "val_acc" in history else None
         values = {k: None if k in unsampled else v for k, v in cfg.flat().items()}
         rows.append({"trial_id": trial.trial_id, c.CELL: plan.design.cell(trial.config),
