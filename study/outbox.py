@@ -41,6 +41,7 @@ class Outbox:
         self._queue: queue.Queue = queue.Queue()
         self._refused = 0
         self._progress = time.monotonic()  # when an operation last went through
+        self._down_since: float | None = None  # the server's first failure to answer, if down
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._drain, name="mlflow-outbox", daemon=True)
         self._thread.start()
@@ -53,6 +54,9 @@ class Outbox:
         pass with none going through (a long backlog to a live server is waited for); the
         number of operations MLflow did not get."""
         start = time.monotonic()
+        if self._queue.unfinished_tasks and self._down_since is not None:
+            print(f"mlflow    waiting for {self.uri} to take {self._queue.unfinished_tasks} "
+                  f"operations, up to {patience:g} s without an answer", flush=True)
         while self._queue.unfinished_tasks and self._thread.is_alive():
             if time.monotonic() - max(start, self._progress) > patience:
                 break
@@ -62,7 +66,7 @@ class Outbox:
         return self._refused + self._queue.unfinished_tasks
 
     def _drain(self) -> None:
-        pending, down_since, pause = deque(), None, 0.0
+        pending, pause = deque(), 0.0
         while not self._closed.is_set():
             try:  # everything queued so far, waiting only when there is nothing to do
                 while True:
@@ -81,8 +85,8 @@ class Outbox:
                 self.apply(ops)
             except Exception as e:  # noqa: BLE001  MLflow must never end the study
                 if transient(e):
-                    if down_since is None:
-                        down_since = time.monotonic()
+                    if self._down_since is None:
+                        self._down_since = time.monotonic()
                         print(f"mlflow    {self.uri} is not answering ({_first_line(e)}); "
                               "results wait in the driver and go in order once it answers",
                               flush=True)
@@ -94,12 +98,12 @@ class Outbox:
                       f"{_first_line(e)}", flush=True)
             else:
                 self._progress = time.monotonic()
-                if down_since is not None:
+                if self._down_since is not None:
                     print(f"mlflow    {self.uri} answers again after "
-                          f"{self._progress - down_since:.0f}s; sending "
+                          f"{self._progress - self._down_since:.0f}s; sending "
                           f"{self._queue.unfinished_tasks - len(ops)} waiting operations",
                           flush=True)
-                down_since, pause = None, 0.0
+                self._down_since, pause = None, 0.0
             for _ in ops:
                 pending.popleft()
                 self._queue.task_done()

@@ -78,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         run_study(plan, uri, arrays, args.address, identity, args.resume, t0)
     except SpecError as e:  # what the cluster can never run: refused before any trial
         return _refuse(e)
+    except BaseException:  # the driver's own end: MLflow gets what Tune's loop had queued
+        from .tracking import finish
+
+        finish(identity, args.mlflow_wait)
+        raise
     table = write_results(plan)  # from Ray's own state, whatever MLflow has taken
     from .sync import ray_ops
     from .tracking import finish
