@@ -211,9 +211,11 @@ def configuration_seeds(runs: pd.DataFrame, factors: list[str]) -> pd.DataFrame:
     """Per configuration a search trained with several seeds (search.repeats): its seeds, the
     val_acc of each, their mean and standard deviation, best mean first. Empty when every
     configuration ran once."""
-    full = c.rankable(runs).dropna(subset=[METRIC]).sort_values("train.seed")
-    if not factors or full.empty or full.groupby(factors, dropna=False).size().max() < 2:
+    full = c.rankable(runs).dropna(subset=[METRIC])
+    if not factors or full.empty or "train.seed" not in full or full.groupby(
+            factors, dropna=False).size().max() < 2:
         return pd.DataFrame()
+    full = full.sort_values("train.seed")
     table = full.groupby(factors, dropna=False).agg(
         seeds=("train.seed", lambda s: ", ".join(str(int(v)) for v in s)),
         val_acc_by_seed=(METRIC, lambda s: ", ".join(f"{v:.4f}" for v in s)),
