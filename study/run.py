@@ -1,4 +1,4 @@
-"""python -m study.run EXPERIMENT.yaml [--set key=value ...] [--dry-run | --resume | --sync-mlflow]
+"""python -m study.run EXPERIMENT.yaml [--set key=value ...] [--dry-run] [--resume | --sync-mlflow]
 
 Runs a study on a Ray cluster (a local one unless --address or RAY_ADDRESS names one): Optuna's
 TPE through Ray Tune's OptunaSearch (mode: search) or a seeded grid (mode: ablation), ASHA
@@ -28,8 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("experiment", help="experiment YAML file, e.g. experiments/ablation.yaml")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override any key of the file, e.g. --set train.epochs=1 (repeatable)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="validate and print the plan only (with --resume: also that the study "
+                         "can be continued as the file now stands)")
     what = ap.add_mutually_exclusive_group()
-    what.add_argument("--dry-run", action="store_true", help="validate and print the plan only")
     what.add_argument("--resume", action="store_true",
                       help="continue an interrupted study: finished trials are kept, unfinished "
                            "ones continue from their last checkpoint")
@@ -46,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
                     "else the file's mlflow.tracking_uri, else sqlite in the study folder)")
     args = ap.parse_args(argv)
+    if args.dry_run and args.sync_mlflow:
+        ap.error("argument --dry-run: not allowed with argument --sync-mlflow")
     t0 = time.perf_counter()
     for key, value in CLIENT_ENV.items():
         os.environ.setdefault(key, value)

@@ -250,7 +250,7 @@ def test_a_study_touches_only_its_own_runs_and_a_strange_name_works(tmp_path):
     ({"train": {"device": "cuda"}}, "train.device=cuda needs resources.gpu"),
     ({"search": {"space": {"model.depth": {"int": [1, 3], "step": 0}}}}, "step must be an integer >= 1"),
     ({"search": {"space": {"model.depth": {"int": [1, 3], "step": True}}}}, "step"),
-    ({"search": {"space": {"train.lr": {"uniform": [0, float("inf")]}}}}, "finite numbers"),
+    ({"search": {"space": {"train.lr": {"uniform": [0, float("inf")]}}}}, "bounds: expected a finite number"),
     ({"search": {"space": {"model.depth": {"uniform": [1, 3]}}}}, "takes int values"),
     ({"search": {"space": {"model.pool": {"int": [1, 3]}}}}, "takes str values"),
     ({"search": {"space": {"model.depth": [1, 1, 2]}}}, "lists 1 twice"),
