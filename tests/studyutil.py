@@ -1,6 +1,7 @@
 """Helpers for the tests that run real studies: experiment files, drivers, trial folders."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import psutil
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))  # the CLI of the Ray the tests import
 
 
 def experiment(tmp_path, name="smoke", **sections) -> dict:
@@ -37,9 +39,14 @@ def start(*args, **kw) -> subprocess.Popen:
                             start_new_session=True, **kw)
 
 
-def run(*args, timeout=300, **kw) -> str:
+def run(*args, timeout=600, **kw) -> str:
+    # 600 s: the smoke study with its report took over 300 s on a 2-core machine at load 30
     proc = start(*args, **kw)
-    out, _ = proc.communicate(timeout=timeout)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # not left running, holding a shared cluster's CPUs
+        kill_tree(proc)
+        raise
     assert proc.returncode == 0, out[-4000:]
     return out
 
@@ -80,6 +87,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def sqlite_store(schema: Path, path: Path) -> str:
+    """The URI of a new, empty SQLite MLflow store at `path`: a copy of `schema` (the
+    mlflow_schema fixture), so that MLflow's migrations run once per session, not once a store."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(schema, path)
+    return f"sqlite:///{path}"
+
+
+def stop_ray(temp_dir: str) -> None:
+    """`ray stop --force` for one cluster only: `ray stop` kills every Ray process on the
+    machine, other tests' included. A cluster's daemons carry options into its temp_dir
+    (`--log_dir=TEMP_DIR/session_...`); its worker processes are their children."""
+    daemons = [p for p in psutil.process_iter(["cmdline"])
+               if any(a.startswith("--") and f"={temp_dir}" in a for a in p.info["cmdline"] or ())]
+    family = {p for d in daemons for p in [d, *d.children(recursive=True)]}
+    for p in family:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=30)
 
 
 def env_without_tracking() -> dict:

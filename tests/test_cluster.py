@@ -3,23 +3,19 @@ with token authentication, a study driven from a shell that has the head's token
 study refused in one line from a shell that has not."""
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 import optuna
 import pandas as pd
-import psutil
 import pytest
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from mlflow.tracking import MlflowClient
 
-from studyutil import REPO, free_port, run
+from studyutil import RAY, REPO, free_port, run, sqlite_store, stop_ray
 
-RAY = str(Path(sys.executable).with_name("ray"))  # the CLI of the Ray the tests import
 AUTH = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 
 
@@ -28,21 +24,6 @@ def shell(**extra) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", *AUTH)}
     return {**env, "RAY_USAGE_STATS_ENABLED": "0", **extra}
-
-
-def stop(temp_dir: str) -> None:
-    """`ray stop --force` for this cluster only: `ray stop` kills every Ray process on the
-    machine, other tests' included. This cluster's daemons carry options into temp_dir
-    (`--log_dir=TEMP_DIR/session_...`); its worker processes are their children."""
-    daemons = [p for p in psutil.process_iter(["cmdline"])
-               if any(a.startswith("--") and f"={temp_dir}" in a for a in p.info["cmdline"] or ())]
-    family = {p for d in daemons for p in [d, *d.children(recursive=True)]}
-    for p in family:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(family, timeout=30)
 
 
 @pytest.fixture
@@ -66,12 +47,13 @@ def cluster(tmp_path):
             assert r.returncode == 0, r.stderr[-3000:]
         yield address, token
     finally:
-        stop(temp_dir)
+        stop_ray(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_the_readme_cluster_recipe_with_token_auth(tmp_path, cluster):
+def test_the_readme_cluster_recipe_with_token_auth(tmp_path, cluster, mlflow_schema):
     address, token = cluster
+    sqlite_store(mlflow_schema, tmp_path / "runs" / "smoke" / "mlflow.db")  # its default store
 
     def study(folder):
         return ["experiments/smoke.yaml", "--address", address, "--set", "search.num_samples=2",

@@ -13,13 +13,14 @@ from tinyvit.config import Config
 from tinyvit.data import load_arrays
 
 
-def test_a_study_in_mlflow_as_its_users_expect(tmp_path, mlflow_server, monkeypatch):
+def test_a_study_in_mlflow_as_its_users_expect(tmp_path, mlflow_server, ray_head, monkeypatch):
     server = mlflow_server
     d = experiment(tmp_path, name="looks", mode="ablation", search=None,
                    scheduler={"type": "none"})
     d["ablation"] = {"factors": {"model.depth": [2, 1]}, "seeds": [0]}
     d["train"]["epochs"] = 1
-    out = run(write(tmp_path, d), "--tracking-uri", server, env=env_without_tracking())
+    out = run(write(tmp_path, d), "--tracking-uri", server, "--address", ray_head.address,
+              env=env_without_tracking())
     client = MlflowClient(server)
     exp = client.get_experiment_by_name("looks")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"

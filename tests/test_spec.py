@@ -1,6 +1,4 @@
 """Experiment files: validation, spaces, grids, and bad input refused before Ray starts."""
-import subprocess
-import sys
 from pathlib import Path
 
 import optuna
@@ -8,7 +6,6 @@ import pytest
 import yaml
 
 from study.spec import SpecError, parse_plan
-from studyutil import env_without_tracking
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,12 +16,6 @@ def spec_dict(tmp_path, **extra) -> dict:
     d["data"]["cache_dir"] = str(tmp_path / "cache")
     d.update(extra)
     return d
-
-
-def run_cli(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "study.run", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd, timeout=120,
-                          env=env_without_tracking())
 
 
 def test_shipped_experiment_files_are_valid():
@@ -105,26 +96,27 @@ def _write(tmp_path, d) -> Path:
     (["--tracking-uri", "http://127.0.0.1:9"], "unreachable"),
     (["--set", "search.space.model.depth.choice=[]"], "model.depth"),
 ])
-def test_cli_refuses_bad_input_with_exit_2_before_anything_is_written(tmp_path, overrides, needle):
+def test_cli_refuses_bad_input_with_exit_2_before_anything_is_written(tmp_path, study_cli,
+                                                                      overrides, needle):
     d = spec_dict(tmp_path)
     d["search"]["space"]["model.depth"] = {"choice": [1, 2]}
-    r = run_cli(_write(tmp_path, d), *overrides)
+    r = study_cli(_write(tmp_path, d), *overrides)
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert not (tmp_path / "runs").exists()
 
 
-def test_dry_run_prints_the_plan_and_starts_nothing(tmp_path):
-    r = run_cli(_write(tmp_path, spec_dict(tmp_path)), "--dry-run", "--set",
-                "search.num_samples=7")
+def test_dry_run_prints_the_plan_and_starts_nothing(tmp_path, study_cli):
+    r = study_cli(_write(tmp_path, spec_dict(tmp_path)), "--dry-run", "--set",
+                  "search.num_samples=7")
     assert r.returncode == 0, r.stderr
     assert "7 trials" in r.stdout and str(tmp_path / "runs" / "smoke") in r.stdout
     assert "sqlite:///" in r.stdout
     assert not (tmp_path / "runs").exists()
 
 
-def test_resume_without_a_study_is_refused(tmp_path):
-    r = run_cli(_write(tmp_path, spec_dict(tmp_path)), "--resume")
+def test_resume_without_a_study_is_refused(tmp_path, study_cli):
+    r = study_cli(_write(tmp_path, spec_dict(tmp_path)), "--resume")
     assert r.returncode == 2 and "--resume" in r.stderr
 
 

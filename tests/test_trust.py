@@ -12,17 +12,18 @@ from mlflow.tracking import MlflowClient
 from study.expr import Expr, ExprError
 from study.results import ranked
 from study.spec import SpecError, parse_plan
-from studyutil import REPO, env_without_tracking, experiment, run, write
+from studyutil import REPO, env_without_tracking, experiment, write
 
 
 def plan_of(tmp_path, **sections):
     return parse_plan(experiment(tmp_path, **sections))
 
 
-def cli(*args, timeout=120):
+def cli(*args, timeout=120, **env):
+    """`python -m study.run ARGS` as a new process (the study_cli fixture runs it in this one)."""
     return subprocess.run([sys.executable, "-m", "study.run", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout,
-                          env=env_without_tracking())
+                          env={**env_without_tracking(), **env})
 
 
 def refused(r, needle):
@@ -81,18 +82,18 @@ def test_errors_inside_an_admitted_expression_are_one_line(text, values, needle)
     assert "\n" not in str(e.value) and text in str(e.value)
 
 
-def test_an_exploit_in_an_experiment_file_runs_nothing_even_in_a_dry_run(tmp_path):
+def test_an_exploit_in_an_experiment_file_runs_nothing_even_in_a_dry_run(tmp_path, study_cli):
     marker = tmp_path / "pwned"
     exploit = ("[c for c in ().__class__.__base__.__subclasses__() if c.__name__ == '_wrap_close']"
                f"[0].__init__.__globals__['system']('touch {marker}') == 0")
     d = experiment(tmp_path)
     d["search"]["constraints"] = [exploit]
-    r = cli(write(tmp_path, d), "--dry-run")
+    r = study_cli(write(tmp_path, d), "--dry-run")
     refused(r, "search.constraints[0]")
     assert not marker.exists()
     d["search"]["constraints"] = []
     d["search"]["space"]["train.lr"]["when"] = f"__import__('os').system('touch {marker}') == 0"
-    refused(cli(write(tmp_path, d), "--dry-run"), "search.space.train.lr.when")
+    refused(study_cli(write(tmp_path, d), "--dry-run"), "search.space.train.lr.when")
     assert not marker.exists()
 
 
@@ -167,7 +168,7 @@ def test_a_study_needs_a_validation_set_and_never_ranks_nan(tmp_path):
     assert ranked(table.assign(status="early-stopped")).empty  # none final: none ranked
 
 
-def test_resume_refuses_an_edited_experiment_naming_the_keys(tmp_path):
+def test_resume_refuses_an_edited_experiment_naming_the_keys(tmp_path, study_cli):
     d = experiment(tmp_path, name="edited")
     plan_dir = tmp_path / "runs" / "edited"
     plan_dir.mkdir(parents=True)
@@ -175,54 +176,36 @@ def test_resume_refuses_an_edited_experiment_naming_the_keys(tmp_path):
     (plan_dir / "study.yaml").write_text(yaml.safe_dump(
         {"study_id": "abc", "experiment": d}))
     path = write(tmp_path, d)
-    r = cli(path, "--resume", "--set", "train.lr=0.01", "--set", "search.num_samples=9")
+    r = study_cli(path, "--resume", "--set", "train.lr=0.01", "--set", "search.num_samples=9")
     refused(r, "search.num_samples, train.lr")
     d["train"]["epochs"] = 5
-    refused(cli(write(tmp_path, d, "edited.yaml"), "--resume"), "in train.epochs")
-    r = cli(path, "--resume", "--dry-run")  # unchanged: accepted (and nothing run)
+    refused(study_cli(write(tmp_path, d, "edited.yaml"), "--resume"), "in train.epochs")
+    r = study_cli(path, "--resume", "--dry-run")  # unchanged: accepted (and nothing run)
     assert r.returncode == 0, r.stderr
 
 
-def test_a_study_touches_only_its_own_runs_and_a_strange_name_works(tmp_path):
+def test_a_study_touches_only_its_own_runs_and_a_strange_name_works(search_study):
     """One real study whose name has quotes and spaces, logging into a store that already holds
     a run of an earlier study with the same name and folder: that run survives, the report
     counts this study alone, and a conditional key a trial did not sample is logged nowhere."""
-    name = "it's a \"study\""
-    d = experiment(tmp_path, name=name)
-    d["search"].update(num_samples=3, seed=0)
-    d["search"]["space"] = {
-        "model.pos_embedding": ["learned", "rope2d"],
-        "model.rope_base": {"loguniform": [10, 1000], "when": "model.pos_embedding == 'rope2d'"}}
-    d["search"]["constraints"] = []
-    d["train"]["epochs"] = 1
-    d["scheduler"] = {"type": "none"}
-    d["mlflow"] = {"report": False}
-    study = tmp_path / "runs" / name
-    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    name, uri = search_study.name, search_study.uri
     client = MlflowClient(uri)
-    # its own artifact location: MLflow's default is ./mlruns of whatever folder runs the test
-    experiment_id = client.create_experiment(name, (tmp_path / "artifacts").as_uri())
-    earlier = client.create_run(experiment_id, run_name="00000000", tags={
-        "study": name, "study_id": "earlier", "trial_id": "00000000", "results": str(study),
-        "status": "completed", "budget": "1", "max_epochs": "1"})
-    client.log_metric(earlier.info.run_id, "val_acc", 0.99, step=1)
-
-    run(write(tmp_path, d), "--tracking-uri", uri, env=env_without_tracking())
-    runs = client.search_runs([experiment_id])
-    assert client.get_run(earlier.info.run_id).info.lifecycle_stage == "active"
+    runs = client.search_runs([search_study.experiment_id])
+    assert client.get_run(search_study.earlier).info.lifecycle_stage == "active"
     mine = [r for r in runs if r.data.tags["study_id"] != "earlier"]
     assert len({r.data.tags["study_id"] for r in mine}) == 1
     mine = [r for r in mine if r.data.tags["kind"] == "trial"]
     assert len(mine) == 3
-    table = pd.read_parquet(study / "trials.parquet")
+    table = pd.read_parquet(search_study.folder / "trials.parquet")
     for r in mine:
         row = table[table["trial_id"] == r.data.tags["trial_id"]].iloc[0]
         rope = r.data.params["model.pos_embedding"] == "rope2d"
         assert ("model.rope_base" in r.data.params) == rope
         assert pd.isna(row["model.rope_base"]) != rope
         assert r.data.tags["sampled"].split(",") == (
-            ["model.pos_embedding", "model.rope_base"] if rope else ["model.pos_embedding"])
-    assert table["model.pos_embedding"].nunique() == 2  # seed 0 samples both: both cases seen
+            ["model.pos_embedding", "model.rope_base", "train.lr"] if rope
+            else ["model.pos_embedding", "train.lr"])
+    assert table["model.pos_embedding"].nunique() == 2  # seed 24 samples both: both cases seen
 
     from reports.analysis import load_runs, study_summary
     loaded = load_runs(uri, name)
@@ -271,32 +254,35 @@ def test_bad_values_anywhere_are_one_line_refusals(tmp_path, change, needle):
     assert "\n" not in str(e.value)
 
 
-def test_aliases_that_expand_without_bound_are_refused_in_bounded_memory(tmp_path):
+def test_aliases_that_expand_without_bound_are_refused_in_bounded_memory(tmp_path, study_cli):
     lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
     lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
     path = tmp_path / "bomb.yaml"
     path.write_text("\n".join(lines) + "\nname: bomb\n")
+    # the bomb in a process of its own: were the bound gone, it would take that process's
+    # memory, not the test runner's
     refused(cli(path, "--dry-run"), "expands to more than")
     path.write_text("name: &n [*n]\n")  # an alias of itself
-    refused(cli(path, "--dry-run"), "expands to more than")
+    refused(study_cli(path, "--dry-run"), "expands to more than")
 
 
-def test_the_documented_dotted_set_reaches_the_search_space(tmp_path):
+def test_the_documented_dotted_set_reaches_the_search_space(tmp_path, study_cli):
     path = write(tmp_path, experiment(tmp_path))
-    r = cli(path, "--dry-run", "--set", "search.space.model.depth.choice=[1,2]",
-            "--set", "search.space.train.weight_decay.loguniform=[1e-4, 1e-2]",
-            "--set", "search.space.model.rope_base.when=model.pos_embedding == 'rope2d'")
+    r = study_cli(path, "--dry-run", "--set", "search.space.model.depth.choice=[1,2]",
+                  "--set", "search.space.train.weight_decay.loguniform=[1e-4, 1e-2]",
+                  "--set", "search.space.model.rope_base.when=model.pos_embedding == 'rope2d'")
     assert r.returncode == 0, r.stderr
     assert "model.depth" in r.stdout and "train.weight_decay" in r.stdout
 
 
-def test_what_the_cluster_can_never_provide_is_refused_before_any_trial(tmp_path):
+def test_what_the_cluster_can_never_provide_is_refused_before_any_trial(tmp_path, ray_head,
+                                                                         study_cli):
     d = experiment(tmp_path)
     d["resources"] = {"cpu": 1, "gpu": 0.25}  # the shipped GPU study's setting, on no GPU
-    r = cli(write(tmp_path, d), timeout=180)
+    r = cli(write(tmp_path, d), timeout=180, RAY_ADDRESS=ray_head.address)
     refused(r, "0.25 GPU")
     assert not (tmp_path / "runs").exists()  # no study folder, no MLflow store
-    r = cli(write(tmp_path, d), "--address", "127.0.0.1:9")
+    r = study_cli(write(tmp_path, d), "--address", "127.0.0.1:9")
     refused(r, "--address 127.0.0.1:9")
 
 
@@ -306,10 +292,11 @@ def test_what_the_cluster_can_never_provide_is_refused_before_any_trial(tmp_path
     ("model", {"image_size": 64}, "32x32 but model.image_size=64"),
     ("model", {"num_classes": 5}, "10 classes"),
 ])
-def test_data_that_cannot_train_is_refused_before_ray(tmp_path, section, values, needle):
+def test_data_that_cannot_train_is_refused_before_ray(tmp_path, study_cli, section, values,
+                                                      needle):
     d = experiment(tmp_path)
     d[section].update(values)
-    refused(cli(write(tmp_path, d)), needle)
+    refused(study_cli(write(tmp_path, d)), needle)
     assert not (tmp_path / "runs").exists()
 
 
