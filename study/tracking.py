@@ -348,7 +348,7 @@ class MlflowTrials(tune.Callback):
         self.uri, self.plan, self.identity, self.dataset = uri, plan, identity, dataset
         self._experiment, self.outbox = experiment, None
 
-    def __getstate__(self):  # Tuner pickles its callbacks: a restored one looks its ids up again
+    def __getstate__(self):  # Tuner pickles its callbacks (what it restores is replaced)
         return {**self.__dict__, "_experiment": None, "outbox": None}
 
     def setup(self, **info):

@@ -56,13 +56,16 @@ def run_study(plan: Plan, uri: str, arrays, address: str | None, identity: str, 
         # the decoded data set travels through Ray's object store: no shared disk is assumed
         trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan, arrays=arrays),
                                         resources)
-        if resume:  # the restored callback finds the experiment by name: let it exist first
-            experiment.result()
+        run_config = _run_config(plan, uri, identity, arrays, experiment)
+        if resume:
             tuner = tune.Tuner.restore(str(plan.path), trainable, resume_unfinished=True)
+            # Tune would call back the callbacks it pickled when the study started, built by
+            # whatever version of this code started it; a resumed study reports through the ones
+            # this driver built (Tune has no public way to pass them)
+            tuner._local_tuner.get_run_config().callbacks = run_config.callbacks
         else:
             tuner = tune.Tuner(trainable, param_space=plan.design.param_space(),
-                               tune_config=_tune_config(plan),
-                               run_config=_run_config(plan, uri, identity, arrays, experiment))
+                               tune_config=_tune_config(plan), run_config=run_config)
         print(f"ray       up after {time.perf_counter() - t0:.1f}s; "
               f"{'resuming' if resume else 'starting'} trials", flush=True)
         tuner.fit()

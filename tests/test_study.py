@@ -8,6 +8,7 @@ import pandas as pd
 import psutil
 import pytest
 from mlflow.tracking import MlflowClient
+from ray import cloudpickle
 from ray.tune import ExperimentAnalysis
 
 from studyutil import (REPO, env_without_tracking, experiment, kill_tree, run, sqlite_store,
@@ -246,6 +247,14 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path, mlflow
     done = [f for f, rows in before.items() if len(rows) == 4]
     midway = [f for f, rows in before.items() if 1 <= len(rows) < 4]
     assert done and midway
+    # Tune pickled the driver's callbacks when the study started; make them what an earlier
+    # version of this code would have left: objects without the attributes today's code reads
+    state = cloudpickle.loads((study / "tuner.pkl").read_bytes())
+    callbacks = state["_run_config"].callbacks
+    assert {type(c).__name__ for c in callbacks} == {"MlflowTrials", "Progress"}
+    for callback in callbacks:
+        callback.__dict__.clear()
+    (study / "tuner.pkl").write_bytes(cloudpickle.dumps(state))
 
     out = run(path, "--resume", env=env_without_tracking())
     after = trial_results(study)
