@@ -20,7 +20,7 @@ from tinyvit.data import load_arrays
 # seconds without a result: a tiny trial reports its first epoch ~5 s after it starts on an
 # idle 2-core machine (~30 s at a load of 20: torch's first AdamW imports torch._dynamo), a
 # 2048-wide one only after minutes
-LIMIT = 60
+LIMIT = 40
 
 
 def test_a_time_limit_that_is_no_number_of_seconds_is_refused_before_anything_runs(tmp_path):

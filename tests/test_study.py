@@ -3,6 +3,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 
 import pandas as pd
 import psutil
@@ -166,11 +167,45 @@ def test_smoke_study_its_report_and_an_ablation_around_its_best_config(tmp_path,
         assert pd.notna(r["metrics.test_acc"]) == (status == "completed")
 
 
-def test_errors_are_recorded_and_killed_trials_resume_from_their_checkpoint(tmp_path,
+PROGRESS = re.compile(r"progress  (\d+) of (\d+) trials finished \((\d+) errored\), (\d+) running, "
+                      r"(\d+) pending; (?:(\d+)h)?(?:(\d+)m)?(\d+)s elapsed(?:, (.*))?")
+DRIVER = re.compile(r"driver    longest loop step ([\d.]+) s \(step (\d+) of (\d+), at \S+\), "
+                    r"longest pause between steps ([\d.]+) s; trials (\d+) in ([\d.]+) s")
+
+
+def assert_progress_shown(out: str, total: int, errored: int, wall: float) -> None:
+    """The driver's progress lines (every 30 s, as soon as the first trial has ended: the first
+    ETA, and at the study's end) and its closing line on the longest loop step."""
+    lines = [m for m in map(PROGRESS.fullmatch, out.splitlines()) if m]
+    assert len(lines) >= 2, out[-4000:]
+    counts = [tuple(int(x) for x in m.groups()[:5]) for m in lines]
+    for finished, n, failed, running, pending in counts:
+        assert n == total and finished + running + pending == total and running <= 2, counts
+        assert failed <= finished
+    assert [c[0] for c in counts] == sorted(c[0] for c in counts), counts
+    for (finished, *_), m in zip(counts[:-1], lines):  # an ETA once a trial has ended
+        assert m[9].startswith("about ") if finished else m[9] == "no ETA before a trial ends"
+    assert lines[-1][9] is None  # nothing to go
+    assert any(1 <= c[0] < total for c in counts[:-1]), counts  # printed when the first ended
+    assert counts[-1] == (total, total, errored, 0, 0), counts
+    for m in lines:
+        h, mins, sec = (int(x or 0) for x in m.groups()[5:8])
+        assert 0 <= 3600 * h + 60 * mins + sec <= wall + 1, m[0]
+
+    ends = [m for m in map(DRIVER.fullmatch, out.splitlines()) if m]
+    assert len(ends) == 1, out[-4000:]
+    longest, at, steps, pause, trials, seconds = (float(x) for x in ends[0].groups())
+    assert trials == total and 0 < seconds < wall
+    assert 1 <= at <= steps and steps >= total  # a step per trial's start, result and end at least
+    assert 0 < longest < seconds and 0 <= pause < seconds
+
+
+def test_errors_are_recorded_and_killed_trials_resume_from_their_checkpoint_and_progress_is_shown(tmp_path,
                                                                              mlflow_schema,
                                                                              ray_head):
     """A trial whose loss turns NaN errors out (the study goes on); a trial whose process is
-    killed is retried from its last checkpoint and finishes with one clean history."""
+    killed is retried from its last checkpoint and finishes with one clean history; the driver
+    says how far the study is all along."""
     # one retry: each retry of the NaN trial is a new trial process, whose imports alone take
     # ~8 s of CPU, failing the same way
     d = experiment(tmp_path, name="faults", mode="ablation", search=None,
@@ -180,6 +215,7 @@ def test_errors_are_recorded_and_killed_trials_resume_from_their_checkpoint(tmp_
     d["ablation"] = {"factors": {"train.lr": [0.002, 1.0e30]}, "seeds": [0]}
     study = tmp_path / "runs" / "faults"
     uri = sqlite_store(mlflow_schema, study / "mlflow.db")  # the study's default store
+    began = time.monotonic()
     driver = start(write(tmp_path, d), "--address", ray_head.address, env=env_without_tracking())
 
     def healthy_trial_mid_run():
@@ -195,6 +231,7 @@ def test_errors_are_recorded_and_killed_trials_resume_from_their_checkpoint(tmp_
         if driver.returncode is None:  # not left running on the shared cluster
             kill_tree(driver)
     assert driver.returncode == 0, out[-4000:]
+    assert_progress_shown(out, total=2, errored=1, wall=time.monotonic() - began)
 
     table = pd.read_parquet(study / "trials.parquet")
     assert sorted(table["status"]) == ["completed", "errored"]
