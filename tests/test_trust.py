@@ -182,6 +182,9 @@ def test_resume_refuses_an_edited_experiment_naming_the_keys(tmp_path, study_cli
     refused(study_cli(write(tmp_path, d, "edited.yaml"), "--resume"), "in train.epochs")
     r = study_cli(path, "--resume", "--dry-run")  # unchanged: accepted (and nothing run)
     assert r.returncode == 0, r.stderr
+    with pytest.raises(SystemExit) as e:  # a replay is no plan to print: argparse's refusal
+        study_cli(path, "--sync-mlflow", "--dry-run")
+    assert e.value.code == 2
 
 
 def test_a_study_touches_only_its_own_runs_and_a_strange_name_works(search_study):
