@@ -53,14 +53,18 @@ def run(*args, timeout=600, **kw) -> str:
 
 def kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL a driver and everything below it (its local Ray cluster and trial workers)."""
-    family = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+    kill(psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)])
+    proc.communicate()
+
+
+def kill(family) -> None:
+    """SIGKILL these processes (those already gone are skipped) and wait until they are."""
     for p in family:
         try:
             p.send_signal(signal.SIGKILL)
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(family, timeout=30)
-    proc.communicate()
 
 
 def trial_results(study_dir: Path) -> dict[str, list[dict]]:
@@ -103,13 +107,7 @@ def stop_ray(temp_dir: str) -> None:
     (`--log_dir=TEMP_DIR/session_...`); its worker processes are their children."""
     daemons = [p for p in psutil.process_iter(["cmdline"])
                if any(a.startswith("--") and f"={temp_dir}" in a for a in p.info["cmdline"] or ())]
-    family = {p for d in daemons for p in [d, *d.children(recursive=True)]}
-    for p in family:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(family, timeout=30)
+    kill({p for d in daemons for p in [d, *d.children(recursive=True)]})
 
 
 def env_without_tracking() -> dict:
