@@ -23,9 +23,11 @@ smoke: $(STAMP)
 	$(PY) -m study.run experiments/smoke.yaml
 
 # three tests at a time: a test mostly waits on the processes it starts (Ray, MLflow, trials),
-# so on 2 cores the suite took 1006 s with -n 3 against 1378 s one at a time (same machine)
+# so on 2 cores the suite took 1006 s with -n 3 against 1378 s one at a time (same machine);
+# loadgroup: the tests that read one shared study or report (xdist_group) run in one worker,
+# which builds it once
 test: $(STAMP)
-	$(PY) -m pytest -q -n 3
+	$(PY) -m pytest -q -n 3 --dist loadgroup
 
 report: $(STAMP)
 	@test -n "$(EXP)" || { echo "usage: make report EXP=<experiment name>"; exit 2; }

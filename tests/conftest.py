@@ -25,6 +25,12 @@ TINY = {
 }
 
 
+def pytest_collection_modifyitems(items):
+    """Tests that run a real study (a minute or more each) start first: three at a time (-n 3),
+    a long test started last would run on while the other workers idle."""
+    items.sort(key=lambda item: item.get_closest_marker("study") is None)
+
+
 @pytest.fixture
 def tiny(tmp_path) -> dict:
     """The tiny config as a fresh nested dict, caching data under the test's own folder."""
@@ -108,7 +114,8 @@ def search_study(tmp_path_factory, mlflow_schema, ray_head):
     folder, a conditional key, and ASHA stopping one trial. TPE's first draws are random with its
     seed, in the order of the written file's keys (sorted): seed 24 proposes lr 2e-3 (learned),
     2e-3 (rope2d), then 1e-7 (learned). One trial at a time, so the 1e-7 trial meets two
-    finished ones at the epoch-2 rung and stops."""
+    finished ones at the epoch-2 rung and stops. Its readers carry xdist_group("search_study"),
+    so that one worker builds it once."""
     from mlflow.tracking import MlflowClient
 
     tmp = tmp_path_factory.mktemp("search")

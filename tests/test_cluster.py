@@ -51,6 +51,7 @@ def cluster(tmp_path):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.mark.study
 def test_the_readme_cluster_recipe_with_token_auth(tmp_path, cluster, mlflow_schema):
     address, token = cluster
     sqlite_store(mlflow_schema, tmp_path / "runs" / "smoke" / "mlflow.db")  # its default store

@@ -19,6 +19,9 @@ from reports.readme import ablation_section
 from study.spec import SpecError, parse_plan
 from studyutil import env_without_tracking, experiment, run, write
 
+# one worker builds this module's store and reports once (make test runs pytest -n 3)
+pytestmark = pytest.mark.xdist_group("evidence")
+
 SEEDS = (0, 1, 2, 3)
 BUDGETS = (1, 2, 4)
 # the cell's val_acc minus the baseline's, per budget and seed (the seeds pair up)
@@ -161,12 +164,12 @@ def test_a_rung_whose_ranking_reversed_the_final_one_is_warned(search_report):
         search_report / "report.html").read_text()
 
 
-def test_a_ladder_study_trains_every_cell_at_every_budget(tmp_path):
+def test_a_ladder_study_trains_every_cell_at_every_budget(tmp_path, ray_head):
     d = experiment(tmp_path, name="ladder", mode="ablation", scheduler={"type": "none"},
                    ablation={"factors": {"model.pos_embedding": ["learned", "none"]},
                              "seeds": [0], "budgets": [2, 1]})
     d.pop("search")
-    out = run(write(tmp_path, d), env=env_without_tracking())
+    out = run(write(tmp_path, d), "--address", ray_head.address, env=env_without_tracking())
     assert "4 trials of up to 2 epochs" in out and "x budgets [1, 2] epochs" in out
     study = tmp_path / "runs" / "ladder"
     table = pd.read_parquet(study / "trials.parquet")

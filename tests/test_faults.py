@@ -38,7 +38,9 @@ def test_a_time_limit_that_is_no_number_of_seconds_is_refused_before_anything_ru
     assert parse_plan(experiment(tmp_path)).resources["trial_timeout_s"] is None  # no limit
 
 
-def test_a_trial_without_results_is_stopped_at_its_time_limit_and_the_study_goes_on(tmp_path):
+@pytest.mark.study
+def test_a_trial_without_results_is_stopped_at_its_time_limit_and_the_study_goes_on(tmp_path,
+                                                                                  ray_head):
     """A trial whose epoch is far longer than resources.trial_timeout_s reports nothing, as a
     hung one would: its own watchdog stops it, and (max_failures: 0) it is errored in Ray and
     in MLflow with the why-line; the other trial completes, normalised with the statistics
@@ -47,7 +49,7 @@ def test_a_trial_without_results_is_stopped_at_its_time_limit_and_the_study_goes
                    scheduler={"type": "none"}, max_failures=0)
     d["resources"] = {"cpu": 1, "max_concurrent": 2, "trial_timeout_s": LIMIT}
     d["ablation"] = {"factors": {"model.embed_dim": [32, 2048]}}
-    out = run(write(tmp_path, d), env=env_without_tracking())
+    out = run(write(tmp_path, d), "--address", ray_head.address, env=env_without_tracking())
     assert f"stopped after {LIMIT}s without a result" in out  # the plan says so
     study = tmp_path / "runs" / "hang"
 
@@ -83,6 +85,7 @@ def test_a_trial_without_results_is_stopped_at_its_time_limit_and_the_study_goes
     assert (state["mean"], state["std"]) == (stats.mean.tolist(), stats.std.tolist())
 
 
+@pytest.mark.study
 def test_a_node_that_leaves_mid_study_its_trial_continues_on_another(tmp_path):
     """Two nodes of one CPU each, two trials at once: the worker node is killed while its trial
     is between epochs. The trial goes on from its last checkpoint on the head (FailureConfig),

@@ -13,6 +13,7 @@ from tinyvit.config import Config
 from tinyvit.data import load_arrays
 
 
+@pytest.mark.study
 def test_a_study_in_mlflow_as_its_users_expect(tmp_path, mlflow_server, ray_head, monkeypatch):
     server = mlflow_server
     d = experiment(tmp_path, name="looks", mode="ablation", search=None,

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 from mlflow.tracking import MlflowClient
 
 import contract as c
@@ -53,14 +54,16 @@ def assert_mlflow_holds_what_ray_holds(uri: str, name: str, study) -> None:
             [c.CHECKPOINT]
 
 
-def test_a_server_down_mid_study_holds_results_back_and_gets_them_all(tmp_path, mlflow_process):
+@pytest.mark.study
+def test_a_server_down_mid_study_holds_results_back_and_gets_them_all(tmp_path, mlflow_process,
+                                                                    ray_head):
     server = mlflow_process.start()
     d = small_study(tmp_path, "outage")
     d["train"]["epochs"] = 3
     # the driver waits for the server at the study's end as long as a busy machine needs to
     # start one (over a minute seen)
     driver = start(write(tmp_path, d), "--tracking-uri", server.uri, "--mlflow-wait", "300",
-                   env=env_without_tracking())
+                   "--address", ray_head.address, env=env_without_tracking())
     study = tmp_path / "runs" / "outage"
     wait_for(lambda: first_epoch_logged(server.uri, "outage"), what="an epoch in MLflow")
     server.stop(signal.SIGKILL)
@@ -77,12 +80,14 @@ def test_a_server_down_mid_study_holds_results_back_and_gets_them_all(tmp_path, 
     assert "registry  outage version 1" in out
 
 
+@pytest.mark.study
 def test_a_server_gone_for_good_ends_the_study_and_one_command_replays_it(tmp_path,
-                                                                          mlflow_process):
+                                                                          mlflow_process,
+                                                                          ray_head):
     server = mlflow_process.start()
     path = write(tmp_path, small_study(tmp_path, "gone"))
     driver = start(path, "--tracking-uri", server.uri, "--mlflow-wait", "2",
-                   env=env_without_tracking())
+                   "--address", ray_head.address, env=env_without_tracking())
     study = tmp_path / "runs" / "gone"
     wait_for(lambda: first_epoch_logged(server.uri, "gone"), what="an epoch in MLflow")
     server.stop(signal.SIGKILL)

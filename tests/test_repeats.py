@@ -16,12 +16,13 @@ from study.tuner import BudgetAwareOptuna, SeedRepeats
 from studyutil import env_without_tracking, experiment, run, write
 
 
-def test_each_configuration_trains_its_seeds_and_optuna_gets_their_mean(tmp_path):
+@pytest.mark.study
+def test_each_configuration_trains_its_seeds_and_optuna_gets_their_mean(tmp_path, ray_head):
     d = experiment(tmp_path, name="repeats", scheduler={"type": "none"})
     d["search"] = {"num_samples": 2, "repeats": 2, "seed": 0,
                    "space": {"train.lr": {"loguniform": [1.0e-3, 1.0e-2]}}}
     d["train"].update(epochs=1, seed=5)
-    out = run(write(tmp_path, d), env=env_without_tracking())
+    out = run(write(tmp_path, d), "--address", ray_head.address, env=env_without_tracking())
     assert "x 2 seeds each (the searcher sees their mean)" in out
     study = tmp_path / "runs" / "repeats"
     table = pd.read_parquet(study / "trials.parquet")

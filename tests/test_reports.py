@@ -24,6 +24,9 @@ from studyutil import sqlite_store
 from tinyvit.config import Config
 from tinyvit.model import TinyViT
 
+# one worker builds this module's store and reports once (make test runs pytest -n 3)
+pytestmark = pytest.mark.xdist_group("reports")
+
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 3
 T_975 = {1: 12.706205, 2: 4.302653, 3: 3.182446}  # Student t quantiles, by degrees of freedom

@@ -2,11 +2,13 @@
 Optuna's study is kept beside the study in Optuna's own storage."""
 import optuna
 import pandas as pd
+import pytest
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 
+@pytest.mark.xdist_group("search_study")
 def test_a_trial_asha_stops_is_pruned_in_optuna_with_its_epochs(search_study):
     # the search_study fixture: lr 2e-3, 2e-3, then 1e-7, one trial at a time, ASHA's rung at 2
     table = pd.read_parquet(search_study.folder / "trials.parquet").sort_values("train.lr")

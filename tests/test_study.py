@@ -1,6 +1,7 @@
 """Real studies on real Ray clusters, logging to real MLflow stores: the product end to end."""
 import os
 import re
+import shlex
 import signal
 import subprocess
 import time
@@ -49,6 +50,7 @@ def snapshot(folder) -> dict:
             for p in folder.rglob("*")}
 
 
+@pytest.mark.study
 def test_smoke_study_its_report_and_an_ablation_around_its_best_config(tmp_path, mlflow_schema,
                                                                         ray_head, study_cli,
                                                                         monkeypatch):
@@ -200,6 +202,7 @@ def assert_progress_shown(out: str, total: int, errored: int, wall: float) -> No
     assert 0 < longest < seconds and 0 <= pause < seconds
 
 
+@pytest.mark.study
 def test_errors_are_recorded_and_killed_trials_resume_from_their_checkpoint_and_progress_is_shown(tmp_path,
                                                                              mlflow_schema,
                                                                              ray_head):
@@ -262,7 +265,9 @@ def test_errors_are_recorded_and_killed_trials_resume_from_their_checkpoint_and_
     assert steps(client, killed["run_id"]) == [1, 2, 3, 4]
 
 
-def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path, mlflow_schema):
+@pytest.mark.study
+def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path, mlflow_schema,
+                                                                 study_cli):
     d = experiment(tmp_path, name="resume", scheduler={"type": "none"})
     d["train"]["epochs"] = 4
     d["data"]["synthetic_train"] = 3000
@@ -292,6 +297,15 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path, mlflow
     for callback in callbacks:
         callback.__dict__.clear()
     (study / "tuner.pkl").write_bytes(cloudpickle.dumps(state))
+    # and as a driver killed while Tune copies its state into the study folder leaves it: empty.
+    # Refused, naming Tune's own whole copy in its session folder.
+    saved = sorted(study.glob("experiment_state-*.json"))[-1]
+    saved.write_text("")
+    refused = study_cli(path, "--resume")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    command = shlex.split(refused.stderr.split("Ray's own copy is whole: ")[1])
+    assert command[0] == "cp" and command[2] == str(saved), command
+    subprocess.run(command, check=True)
 
     out = run(path, "--resume", env=env_without_tracking())
     after = trial_results(study)

@@ -187,6 +187,7 @@ def test_resume_refuses_an_edited_experiment_naming_the_keys(tmp_path, study_cli
     assert e.value.code == 2
 
 
+@pytest.mark.xdist_group("search_study")
 def test_a_study_touches_only_its_own_runs_and_a_strange_name_works(search_study):
     """One real study whose name has quotes and spaces, logging into a store that already holds
     a run of an earlier study with the same name and folder: that run survives, the report
