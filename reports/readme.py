@@ -1,7 +1,7 @@
 """Write the README's Results section from built reports, so no number is typed by hand.
 
     python -m reports.readme [--search reports/examples/quick]
-                             [--ablation reports/examples/pos_embedding] [--readme README.md]
+                             [--ablation reports/examples/pos_embedding_ladder] [--readme README.md]
 
 Reads the tables a report build wrote (tables/summary.csv, best.csv, ablation.csv) and replaces
 what lies between the `<!-- results:start -->` and `<!-- results:end -->` markers.
@@ -98,7 +98,7 @@ def replace_section(readme: Path, body: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m reports.readme", description=__doc__.split("\n")[0])
     ap.add_argument("--search", type=Path, default=Path("reports/examples/quick"))
-    ap.add_argument("--ablation", type=Path, default=Path("reports/examples/pos_embedding"))
+    ap.add_argument("--ablation", type=Path, default=Path("reports/examples/pos_embedding_ladder"))
     ap.add_argument("--readme", type=Path, default=Path("README.md"))
     ap.add_argument("--preface", default="", help="text placed above the generated tables")
     args = ap.parse_args(argv)
