@@ -12,6 +12,7 @@ import torch
 from tinyvit.config import Config
 from tinyvit.data import load_arrays
 from tinyvit.model import TinyViT
+from tinyvit.train import scored_weights
 
 
 def attention_on_test_images(checkpoint: Path, n_images: int = 6):
@@ -20,7 +21,7 @@ def attention_on_test_images(checkpoint: Path, n_images: int = 6):
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     cfg = Config.from_dict(state["config"])
     model = TinyViT(cfg.model)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(scored_weights(state))
     model.eval()
     arrays = load_arrays(cfg.data)
     # the first test image of each class in turn: folder-ordered test sets hold one class first

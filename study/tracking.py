@@ -384,7 +384,7 @@ def publish(plan: Plan, uri: str, identity: str, best_trial: str | None, report:
     from mlflow.models import infer_signature
 
     from tinyvit.model import TinyViT
-    from tinyvit.train import load_checkpoint
+    from tinyvit.train import load_checkpoint, scored_weights
 
     client, lines = MlflowClient(uri), []
     _, parent, own = _study_runs(client, plan, identity)
@@ -399,7 +399,7 @@ def publish(plan: Plan, uri: str, identity: str, best_trial: str | None, report:
         run_id=best.info.run_id, artifact_path=c.CHECKPOINT, tracking_uri=uri))
     cfg = Config.from_dict(state["config"])
     model = TinyViT(cfg.model).eval()
-    model.load_state_dict(state["model"])
+    model.load_state_dict(scored_weights(state))
     example = torch.zeros(2, 3, cfg.model.image_size, cfg.model.image_size)
     with torch.no_grad():
         signature = infer_signature(example.numpy(), model(example).numpy())

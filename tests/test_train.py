@@ -10,14 +10,15 @@ import torch
 import torch.nn.functional as F
 import yaml
 from torch.nn.modules.module import register_module_forward_hook
-from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.optim.optimizer import (register_optimizer_step_post_hook,
+                                   register_optimizer_step_pre_hook)
 
 from conftest import TINY
 from tinyvit.config import Config, ModelConfig
-from tinyvit.data import ChannelStats, load_arrays
+from tinyvit.data import ChannelStats, load_arrays, split
 from tinyvit.model import TinyViT, count_params
 from tinyvit.train import (CheckpointError, TrainingDiverged, evaluate, fit, load_checkpoint,
-                           param_groups, save_checkpoint)
+                           param_groups, save_checkpoint, scored_weights)
 
 
 @contextlib.contextmanager
@@ -189,6 +190,38 @@ def test_fit_scores_val_and_test_with_the_mirror_on_the_seeded_split(tiny):
         assert final[f"{name}_acc"] == pytest.approx(accuracy, abs=1 / len(y))
 
 
+def test_ema_averages_every_step_s_weights_and_is_what_val_and_test_score(tiny_cfg):
+    tiny_cfg.train.epochs, tiny_cfg.train.ema = 1, 0.9
+    weights, states = [], []
+
+    def keep(optimizer, args, kwargs):
+        weights.append([p.detach().clone() for g in optimizer.param_groups for p in g["params"]])
+
+    with hooked(register_optimizer_step_post_hook, keep):
+        final = fit(tiny_cfg, on_epoch=lambda m, ckpt: states.append(ckpt()))
+    # AveragedModel's EMA: the first step's weights, then average = 0.9 average + 0.1 weights
+    expected = weights[0]
+    for w in weights[1:]:
+        expected = [0.9 * e + 0.1 * x for e, x in zip(expected, w)]
+    model = TinyViT(tiny_cfg.model).eval()
+    groups = param_groups(model, tiny_cfg.train.weight_decay)  # the optimizer's order
+    model.load_state_dict(scored_weights(states[-1]))
+    averaged = [p for g in groups for p in g["params"]]
+    assert len(weights) > 10
+    for e, p in zip(expected, averaged):
+        torch.testing.assert_close(p, e, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(p, w) for p, w in zip(averaged, weights[-1]))
+
+    data = split(load_arrays(tiny_cfg.data), tiny_cfg.data, torch.device("cpu"))
+    for name in ("val", "test"):
+        scored = evaluate(model, getattr(data, name), data.normalize, 1000,
+                          contextlib.nullcontext())
+        assert (final[f"{name}_loss"], final[f"{name}_acc"]) == pytest.approx(scored, rel=1e-6)
+    model.load_state_dict(states[-1]["model"])  # the trained weights themselves score otherwise
+    trained = evaluate(model, data.val, data.normalize, 1000, contextlib.nullcontext())
+    assert final["val_loss"] != pytest.approx(trained[0], rel=1e-4)
+
+
 def test_fit_normalises_with_the_statistics_that_come_with_the_data(tiny_cfg):
     """load_arrays computes the training split's statistics once (in a study, the driver) and
     they travel with the arrays: fit takes them as they are, computing none, and trains exactly
@@ -239,6 +272,7 @@ def test_same_seed_same_metrics(tiny_cfg):
 def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tiny, tmp_path):
     tiny["train"]["epochs"] = 3
     tiny["data"].update(mixup=0.5, cutmix=1.0)  # the mixing RNG must be restored too
+    tiny["train"]["ema"] = 0.9  # and the average of the weights, which val and test score
     cfg = Config.from_dict(tiny)
     full = []
     fit(cfg, on_epoch=lambda m, ckpt: full.append(m))

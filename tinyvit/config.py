@@ -112,6 +112,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
     grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
+    ema: float = 0.0  # per-step decay of an average of the weights that val/test score; 0: off
     seed: int = 0
     eval_batch_size: int = 1000
     eval_flip: bool = False  # score val/test on each image and its mirror, averaging the logits
@@ -130,7 +131,7 @@ class TrainConfig:
         if self.weight_decay < 0 or self.warmup_epochs < 0 or self.grad_clip < 0:
             raise ConfigError("train.weight_decay, train.warmup_epochs and train.grad_clip "
                               "must be >= 0")
-        _fraction(self, "label_smoothing")
+        _fraction(self, "label_smoothing", "ema")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"train.threads must be >= 1, got {self.threads}")
 

@@ -1,4 +1,5 @@
-"""Train one TinyViT: AdamW, linear warmup then cosine, label smoothing, gradient clipping.
+"""Train one TinyViT: AdamW, linear warmup then cosine, label smoothing, gradient clipping, and
+optionally an exponential moving average (EMA) of the weights.
 
 `fit(cfg, on_epoch=...)` calls back after every epoch with the epoch's metrics and a function that
 returns a full checkpoint, so a study runner can report and checkpoint without this package knowing
@@ -16,6 +17,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from .config import Config, ConfigError, load
@@ -68,6 +70,11 @@ def fit(cfg: Config, arrays: Arrays | None = None, on_epoch: OnEpoch | None = No
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
         round(tc.warmup_epochs * steps_per_epoch), tc.epochs * steps_per_epoch, tc.min_lr / tc.lr))
     augment = BatchAugment(cfg.data, cfg.model.num_classes)
+    # An EMA of the weights (and of the stem's BatchNorm statistics) averages out the last steps'
+    # noise that a short schedule has no time to anneal; when on, it is what val and test score.
+    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema), use_buffers=True)
+           if tc.ema else None)
+    scored = ema.module if ema is not None else forward
     channels_last = tc.channels_last and device.type == "cuda"
 
     start = 1
@@ -78,15 +85,19 @@ def fit(cfg: Config, arrays: Arrays | None = None, on_epoch: OnEpoch | None = No
         torch.set_rng_state(resume["rng"]["cpu"])
         if device.type == "cuda" and "cuda" in resume["rng"]:
             torch.cuda.set_rng_state(resume["rng"]["cuda"])
+        if ema is not None and "ema" in resume:  # else the average starts from these weights
+            ema.load_state_dict(resume["ema"])
         start = resume["epoch"] + 1
 
     def checkpoint() -> dict:
         rng = {"cpu": torch.get_rng_state()}
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state()
-        return {"config": cfg.to_dict(), "epoch": epoch, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rng, "mean": data.mean.flatten().tolist(), "std": data.std.flatten().tolist()}
+        state = {"config": cfg.to_dict(), "epoch": epoch, "model": model.state_dict(),
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "rng": rng, "mean": data.mean.flatten().tolist(),
+                 "std": data.std.flatten().tolist()}
+        return state if ema is None else {**state, "ema": ema.state_dict()}
 
     metrics = {}
     for epoch in range(start, tc.epochs + 1):
@@ -112,6 +123,8 @@ def fit(cfg: Config, arrays: Arrays | None = None, on_epoch: OnEpoch | None = No
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             optimizer.step()
             scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
             loss_sum += loss.detach()
             correct += (logits.argmax(1) == (y if y.ndim == 1 else y.argmax(1))).sum()
             if step % 25 == 0 and not torch.isfinite(loss):  # checked every few steps: syncs
@@ -123,7 +136,7 @@ def fit(cfg: Config, arrays: Arrays | None = None, on_epoch: OnEpoch | None = No
         if not math.isfinite(train_loss):
             raise TrainingDiverged(f"loss became {train_loss} in epoch {epoch}; lower train.lr "
                                    f"(now {tc.lr}) or raise train.warmup_epochs / train.grad_clip")
-        val_loss, val_acc = evaluate(forward, data.val, data.normalize, tc.eval_batch_size, amp,
+        val_loss, val_acc = evaluate(scored, data.val, data.normalize, tc.eval_batch_size, amp,
                                      tc.eval_flip)
         metrics = {"epoch": epoch, "train_loss": train_loss,
                    "train_acc": correct.item() / (steps_per_epoch * batch_size),
@@ -134,7 +147,7 @@ def fit(cfg: Config, arrays: Arrays | None = None, on_epoch: OnEpoch | None = No
                    "params": count_params(model)}
         if epoch == tc.epochs:  # test once, at the end: it is reported, never selected on
             metrics["test_loss"], metrics["test_acc"] = evaluate(
-                forward, data.test, data.normalize, tc.eval_batch_size, amp, tc.eval_flip)
+                scored, data.test, data.normalize, tc.eval_batch_size, amp, tc.eval_flip)
         if on_epoch:
             on_epoch(metrics, checkpoint)
     return metrics
@@ -235,6 +248,14 @@ def load_checkpoint(path: str | Path, cfg: Config | None = None) -> dict:
             now = ", ".join(f"{k}={run[k]}" for k in differ)
             raise CheckpointError(f"checkpoint {path} was saved for {was}; this run has {now}")
     return state
+
+
+def scored_weights(state: dict) -> dict:
+    """The weights a checkpoint's val and test metrics were scored with: its EMA's when it kept
+    one (train.ema), else the trained model's; what a registered model or a report should load."""
+    if "ema" not in state:
+        return state["model"]
+    return {k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"}
 
 
 def format_epoch(m: dict, epochs: int) -> str:
