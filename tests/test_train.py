@@ -191,7 +191,7 @@ def test_fit_scores_val_and_test_with_the_mirror_on_the_seeded_split(tiny):
 
 
 def test_ema_averages_every_step_s_weights_and_is_what_val_and_test_score(tiny_cfg):
-    tiny_cfg.train.epochs, tiny_cfg.train.ema = 1, 0.9
+    tiny_cfg.train.epochs, tiny_cfg.train.batch_size, tiny_cfg.train.ema = 1, 15, 0.9
     weights, states = [], []
 
     def keep(optimizer, args, kwargs):
@@ -199,15 +199,17 @@ def test_ema_averages_every_step_s_weights_and_is_what_val_and_test_score(tiny_c
 
     with hooked(register_optimizer_step_post_hook, keep):
         final = fit(tiny_cfg, on_epoch=lambda m, ckpt: states.append(ckpt()))
-    # AveragedModel's EMA: the first step's weights, then average = 0.9 average + 0.1 weights
+    # the first step's weights, then average = d average + (1 - d) weights, d warming up as
+    # (1 + n) / (10 + n) for the n steps averaged so far, up to 0.9 (from n = 80)
     expected = weights[0]
-    for w in weights[1:]:
-        expected = [0.9 * e + 0.1 * x for e, x in zip(expected, w)]
+    for n, w in enumerate(weights[1:], start=1):
+        d = min(0.9, (1 + n) / (10 + n))
+        expected = [d * e + (1 - d) * x for e, x in zip(expected, w)]
     model = TinyViT(tiny_cfg.model).eval()
     groups = param_groups(model, tiny_cfg.train.weight_decay)  # the optimizer's order
     model.load_state_dict(scored_weights(states[-1]))
     averaged = [p for g in groups for p in g["params"]]
-    assert len(weights) > 10
+    assert len(weights) > 80
     for e, p in zip(expected, averaged):
         torch.testing.assert_close(p, e, rtol=1e-5, atol=1e-6)
     assert any(not torch.equal(p, w) for p, w in zip(averaged, weights[-1]))

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from .config import Config, ConfigError, load
@@ -72,7 +72,7 @@ def fit(cfg: Config, arrays: Arrays | None = None, on_epoch: OnEpoch | None = No
     augment = BatchAugment(cfg.data, cfg.model.num_classes)
     # An EMA of the weights (and of the stem's BatchNorm statistics) averages out the last steps'
     # noise that a short schedule has no time to anneal; when on, it is what val and test score.
-    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema), use_buffers=True)
+    ema = (AveragedModel(model, multi_avg_fn=ema_update(tc.ema), use_buffers=True)
            if tc.ema else None)
     scored = ema.module if ema is not None else forward
     channels_last = tc.channels_last and device.type == "cuda"
@@ -173,6 +173,21 @@ def evaluate(forward, split_xy, normalize, batch_size, amp, flip=False) -> tuple
         loss += F.cross_entropy(logits, y[i:i + batch_size], reduction="sum").item()
         correct += (logits.argmax(1) == y[i:i + batch_size]).sum().item()
     return loss / len(y), correct / len(y)
+
+
+def ema_update(decay: float):
+    """AveragedModel's update for an EMA whose decay warms up as min(decay, (1 + n) / (10 + n)),
+    n the updates so far (TensorFlow's ExponentialMovingAverage): a plain 0.999 average still
+    holds half of its first steps' weights after 700 steps (two epochs at batch 128), so early
+    evaluations, and ASHA's rungs, would score a lagging model."""
+    @torch.no_grad()
+    def update(averaged: list, current: list, n: torch.Tensor) -> None:
+        if not averaged[0].is_floating_point():  # BatchNorm's step counters: the latest
+            torch._foreach_copy_(averaged, current)
+            return
+        step_decay = torch.clamp((1 + n) / (10 + n), max=decay)  # a tensor: no sync on a GPU
+        torch._foreach_lerp_(averaged, current, 1 - step_decay)
+    return update
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
