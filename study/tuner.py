@@ -33,6 +33,14 @@ from .trainable import run_trial
 # ViT leaves most of a GPU idle, so several trials share one
 AUTO_GPU_SHARE = 0.25
 OPTUNA_JOURNAL = "optuna.log"  # the search's Optuna study, in the study folder
+# Checkpoints kept per trial. Tune snapshots the experiment's state (every trial's record: ~22 KB
+# a trial, 22 MB at 1,000) every ~10 s, and besides forces one whenever a trial has written this
+# many checkpoints since the last, so that no snapshot names a checkpoint already deleted. With
+# 2 that was a snapshot of all N trials per trial: the loop slowed as N grew (131 -> 35 trials a
+# minute over a 1,000-trial study, bench/RESULTS.md). At 10, a trial of up to 10 epochs forces
+# none (the same study held 111-136 a minute to the end) and a longer one one per 10 epochs,
+# while a trial's disk stays bounded (a CIFAR-10 checkpoint of the seed's model is ~3 MB).
+KEEP_CHECKPOINTS = 10
 
 
 def run_study(plan: Plan, uri: str, arrays, address: str | None, identity: str, resume: bool,
@@ -249,12 +257,9 @@ class SeedRepeats(Repeater):
 def _run_config(plan: Plan, uri: str, identity: str, arrays, experiment: Future) -> RunConfig:
     from .tracking import MlflowTrials, dataset_input  # mlflow: waits for the thread's import
 
-    # keeping 2 checkpoints per trial forces an experiment snapshot after each one, which is
-    # what lets --resume continue exactly; Ray warns about that cost on every short epoch
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     return RunConfig(name=plan.name, storage_path=str(plan.storage), verbose=1,
                      callbacks=[MlflowTrials(uri, plan, identity,
                                              dataset_input(plan.config, arrays), experiment),
                                 Progress()],
                      failure_config=FailureConfig(max_failures=plan.max_failures),
-                     checkpoint_config=CheckpointConfig(num_to_keep=2))
+                     checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS))
