@@ -161,8 +161,12 @@ class Runs:
     the study's run, which the study's own driver wrote."""
 
     def __init__(self, uri: str, plan: Plan, identity: str, dataset: DatasetInput,
-                 experiment: Future | None = None, replay: bool = False):
+                 experiment: Future | None = None, replay: bool = False, fresh: bool = False):
         self.uri, self.plan, self.dataset, self.replay = uri, plan, dataset, replay
+        # A study this driver started: a trial's run exists only if this object created it, so
+        # it is searched for (a query over the study's runs, slower as they grow) only after a
+        # creation that failed without an answer; a resumed or replayed study searches always.
+        self.fresh, self._unsure = fresh, set()
         self.client = MlflowClient(uri)
         self.tags = study_tags(plan, identity)
         self._pending, self._experiment_id, self._parent = experiment, None, None
@@ -211,7 +215,8 @@ class Runs:
                reopen: bool = False) -> str:
         if trial_id in self.runs:
             return self.runs[trial_id]
-        found = self._own_runs(f" and tags.{c.TRIAL_ID} = '{trial_id}'")
+        found = (self._own_runs(f" and tags.{c.TRIAL_ID} = '{trial_id}'")
+                 if not self.fresh or trial_id in self._unsure else [])
         if not found:
             run_id = self._create(trial_id, config, start_ms, reopen)
         else:
@@ -237,8 +242,12 @@ class Runs:
         cell = self.plan.design.cell(config)
         if cell is not None:
             tags[c.CELL] = cell
-        return self.client.create_run(self.experiment_id, start_ms, tags=tags,
-                                      run_name=run_name(self.plan, config)).info.run_id
+        try:
+            return self.client.create_run(self.experiment_id, start_ms, tags=tags,
+                                          run_name=run_name(self.plan, config)).info.run_id
+        except Exception:  # the run may exist (an answer lost on its way back): look first
+            self._unsure.add(trial_id)
+            raise
 
     def apply(self, ops: list[Op]) -> None:
         if ops[0].kind == "log":
@@ -291,8 +300,9 @@ class Runs:
         if a["checkpoint"] is not None:  # the reports draw its attention maps
             with a["checkpoint"].as_directory() as folder:
                 path = Path(folder) / c.CHECKPOINT_FILE
-                stored = {f.path: f.file_size
-                          for f in self.client.list_artifacts(run_id, c.CHECKPOINT_DIR)}
+                stored = {} if self.fresh else {  # a new run's upload is new; a rewrite the same
+                    f.path: f.file_size
+                    for f in self.client.list_artifacts(run_id, c.CHECKPOINT_DIR)}
                 if stored.get(c.CHECKPOINT) != path.stat().st_size:  # none, or cut short
                     self.client.log_artifact(run_id, str(path), c.CHECKPOINT_DIR)
         self.client.set_terminated(run_id, "FAILED" if a["status"] == c.ERRORED else "FINISHED",
@@ -319,9 +329,9 @@ _OUTBOXES: dict[str, Outbox] = {}
 
 
 def open_outbox(uri: str, plan: Plan, identity: str, dataset: DatasetInput,
-                experiment: Future | None = None) -> Outbox:
+                experiment: Future | None = None, fresh: bool = False) -> Outbox:
     if identity not in _OUTBOXES:
-        runs = Runs(uri, plan, identity, dataset, experiment)
+        runs = Runs(uri, plan, identity, dataset, experiment, fresh=fresh)
         _OUTBOXES[identity] = Outbox(runs.apply, uri)
     return _OUTBOXES[identity]
 
@@ -344,16 +354,17 @@ class MlflowTrials(tune.Callback):
     what happened; the driver's outbox writes it."""
 
     def __init__(self, uri: str, plan: Plan, identity: str, dataset: DatasetInput,
-                 experiment: Future | None = None):
+                 experiment: Future | None = None, fresh: bool = False):
+        """`fresh`: a study this driver started, not a resumed one (see Runs.fresh)."""
         self.uri, self.plan, self.identity, self.dataset = uri, plan, identity, dataset
-        self._experiment, self.outbox = experiment, None
+        self._experiment, self.outbox, self.fresh = experiment, None, fresh
 
     def __getstate__(self):  # Tuner pickles its callbacks (what it restores is replaced)
         return {**self.__dict__, "_experiment": None, "outbox": None}
 
     def setup(self, **info):
         self.outbox = open_outbox(self.uri, self.plan, self.identity, self.dataset,
-                                  self._experiment)
+                                  self._experiment, self.fresh)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.outbox.put(opened(trial, reopen=True, start_ms=int(time.time() * 1000)))

@@ -64,7 +64,7 @@ def run_study(plan: Plan, uri: str, arrays, address: str | None, identity: str, 
         # the decoded data set travels through Ray's object store: no shared disk is assumed
         trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan, arrays=arrays),
                                         resources)
-        run_config = _run_config(plan, uri, identity, arrays, experiment)
+        run_config = _run_config(plan, uri, identity, arrays, experiment, fresh=not resume)
         if resume:
             tuner = tune.Tuner.restore(str(plan.path), trainable, resume_unfinished=True)
             # Tune would call back the callbacks it pickled when the study started, built by
@@ -254,12 +254,14 @@ class SeedRepeats(Repeater):
         self.set_state(state)
 
 
-def _run_config(plan: Plan, uri: str, identity: str, arrays, experiment: Future) -> RunConfig:
+def _run_config(plan: Plan, uri: str, identity: str, arrays, experiment: Future,
+                fresh: bool) -> RunConfig:
     from .tracking import MlflowTrials, dataset_input  # mlflow: waits for the thread's import
 
     return RunConfig(name=plan.name, storage_path=str(plan.storage), verbose=1,
                      callbacks=[MlflowTrials(uri, plan, identity,
-                                             dataset_input(plan.config, arrays), experiment),
+                                             dataset_input(plan.config, arrays), experiment,
+                                             fresh),
                                 Progress()],
                      failure_config=FailureConfig(max_failures=plan.max_failures),
                      checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS))
