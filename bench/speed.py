@@ -17,6 +17,11 @@ Parts (`--part throughput|time-to-accuracy|seed-recipe|all`):
 - seed-recipe: runs the seed's whole recipe ((a)'s pipeline, 10 epochs over all 50,000 train
   images, a test pass after each) and reports its wall time: the time-to-accuracy target is a
   third of it. About 15 minutes on 2 cores, so `all` leaves it out.
+- budgets: times the seed recipe, then trains the recipe of `--config` for each `--seeds` seed
+  at each `--budgets` multiple of that time (its epochs chosen from a one-epoch calibration run
+  in the same window), and reports every run's wall time, share of the seed recipe's time and
+  accuracies, then per seed the shortest run reaching the seed's 60.4% and reaching 80% test
+  accuracy. Hours on 2 cores (the seed recipe plus the sum of the multiples per seed).
 
 Data (`--data`): CIFAR-10 as an image folder (`train/<class>/*`, `test/<class>/*`) or a tar
 archive of one. The figures in bench/RESULTS.md used the lossy JPEG copy of CIFAR-10 as such an
@@ -30,6 +35,8 @@ defaults there; `--compile` turns on `train.compile` for (b).
     python bench/speed.py --part throughput --rounds 3 --steps 30 --data ~/data/cifar10-jpeg.tar.gz
     python bench/speed.py --part time-to-accuracy --config bench/fast_cifar10.yaml
     python bench/speed.py --part seed-recipe --data ~/data/cifar10-jpeg.tar.gz
+    python bench/speed.py --part budgets --config bench/recipe80.yaml --budgets 2.5 --seeds 0 1 \
+        --data ~/data/cifar10-jpeg.tar.gz
 """
 from __future__ import annotations
 
@@ -57,6 +64,7 @@ from tinyvit.train import fit, resolve_device  # noqa: E402
 DEFAULT_RECIPE = ROOT / "bench" / "fast_cifar10.yaml"
 SEED_PARAMS = 208_074
 SEED_TARGET = 0.604  # the seed's reported test accuracy
+TARGET_80 = 0.80  # the recipe's target (bench/RESULTS.md)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
@@ -277,10 +285,12 @@ def throughput(args, arrays: Arrays, recipe: dict) -> dict:
     return out
 
 
-def time_to_accuracy(args, overrides: list[str]) -> dict:
+def time_to_accuracy(args, overrides: list[str], arrays: Arrays | None = None) -> dict:
+    """`fit` on the recipe, timed from data load (given `arrays`: from their split) to the test
+    accuracy."""
     t0 = time.perf_counter()
     cfg = load(args.config, overrides)
-    arrays = load_arrays(cfg.data)
+    arrays = arrays if arrays is not None else load_arrays(cfg.data)
     print(f"time-to-accuracy: {args.config} {' '.join(overrides)}  "
           f"({count_params(TinyViT(cfg.model)):,} params)", flush=True)
 
@@ -301,12 +311,49 @@ def time_to_accuracy(args, overrides: list[str]) -> dict:
             "epochs": cfg.train.epochs, "reached": hit}
 
 
+def budgets(args, overrides: list[str], arrays: Arrays) -> dict:
+    """The recipe at multiples of the seed recipe's time, measured first in the same window.
+    A run's epochs are the most whose estimated time (the calibration run's seconds per epoch,
+    its data set-up and test pass counted in every epoch) fits the multiple; its real wall time
+    is what is reported, beside its share of the seed recipe's."""
+    seed_wall = seed_recipe(args, arrays)["wall_s"]
+    calibration = time_to_accuracy(args, [*overrides, "train.epochs=1"], arrays)
+    per_epoch = calibration["wall_s"]
+    runs = []
+    for seed in args.seeds:
+        for multiple in args.budgets:
+            epochs = max(1, int(multiple * seed_wall / per_epoch))
+            r = time_to_accuracy(args, [*overrides, f"train.epochs={epochs}",
+                                        f"train.seed={seed}"], arrays)
+            runs.append({**r, "seed": seed, "multiple": multiple,
+                         "share": r["wall_s"] / seed_wall})
+    print(f"\nbudgets: the seed recipe took {seed_wall:.1f}s here; one epoch of the recipe "
+          f"{per_epoch:.1f}s with its set-up and test pass\n"
+          f"  seed  budget  epochs     wall   share  val_acc  test_acc", flush=True)
+    for r in runs:
+        over = "  over its budget" if r["share"] > r["multiple"] else ""
+        print(f"  {r['seed']:>4}  {r['multiple']:>5.2f}x  {r['epochs']:>6}  {r['wall_s']:6.1f}s  "
+              f"{r['share']:5.2f}x  {r['val_acc']:.4f}   {r['test_acc']:.4f}{over}", flush=True)
+    for seed in args.seeds:
+        mine = sorted((r for r in runs if r["seed"] == seed), key=lambda r: r["wall_s"])
+        for target in (SEED_TARGET, TARGET_80):
+            hit = next((r for r in mine if r["test_acc"] >= target), None)
+            print(f"  seed {seed}: {target:.1%} test " + (
+                f"reached in {hit['wall_s']:.1f}s = {hit['share']:.2f}x the seed recipe's time "
+                f"({hit['epochs']} epochs)" if hit else "not reached by any budget"), flush=True)
+    return {"seed_wall_s": seed_wall, "epoch_s": per_epoch, "runs": runs}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", choices=("throughput", "time-to-accuracy", "seed-recipe", "all"),
+    ap.add_argument("--part", choices=("throughput", "time-to-accuracy", "seed-recipe", "budgets",
+                                       "all"),
                     default="all", help="all: throughput then time-to-accuracy (seed-recipe, "
                                         "~15 min on 2 cores, only when asked)")
     ap.add_argument("--seed-epochs", type=int, default=10, help="seed-recipe: epochs")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[2.5],
+                    help="budgets: multiples of the seed recipe's time to train the recipe for")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="budgets: train.seed")
     ap.add_argument("--config", default=str(DEFAULT_RECIPE),
                     help="recipe YAML: its train/data sections drive (b); all of it drives "
                          "time-to-accuracy")
@@ -344,10 +391,12 @@ def main(argv=None) -> int:
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, device "
           f"{resolve_device(cfg.train.device)}; load average {os.getloadavg()}", flush=True)
     out = {}
-    if args.part in ("throughput", "seed-recipe", "all"):
+    if args.part in ("throughput", "seed-recipe", "budgets", "all"):
         arrays = load_arrays(cfg.data)
     if args.part == "seed-recipe":
         out["seed_recipe"] = seed_recipe(args, arrays)
+    if args.part == "budgets":
+        out["budgets"] = budgets(args, overrides, arrays)
     if args.part in ("throughput", "all"):
         out["throughput"] = throughput(args, arrays, recipe)
     if args.part in ("time-to-accuracy", "all"):
