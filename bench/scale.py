@@ -66,13 +66,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import contract as c  # noqa: E402
+from study.progress import DRIVER_LINE  # noqa: E402
 
 BIN = Path(sys.executable).parent  # the ray and mlflow of the Python that runs this
 NAME = "scale"
 FLAT_MIB_PER_100 = 1.0
 COST_TARGET_S = 0.5
-DRIVER_LINE = re.compile(r"driver    longest loop step ([\d.]+) s \(step (\d+) of (\d+), "
-                         r"at (\S+)\), longest pause between steps ([\d.]+) s")
 
 
 def free_port() -> int:

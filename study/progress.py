@@ -8,12 +8,17 @@ between steps (time spent outside the loop's steps, in Tune's own reporting).
 """
 from __future__ import annotations
 
+import re
 import time
 
 from ray import tune
 from ray.tune.experiment import Trial
 
 EVERY_S = 30.0  # between progress lines
+# the closing line of the driver's loop (on_experiment_end), for whatever reads it back: the
+# longest step, its number, the step count, when it came, the longest pause, trials, seconds
+DRIVER_LINE = re.compile(r"driver    longest loop step ([\d.]+) s \(step (\d+) of (\d+), at (\S+)\), "
+                         r"longest pause between steps ([\d.]+) s; trials (\d+) in ([\d.]+) s")
 
 
 class Progress(tune.Callback):

@@ -15,6 +15,7 @@ from ray.tune import ExperimentAnalysis
 
 from studyutil import (REPO, env_without_tracking, experiment, kill_tree, run, sqlite_store,
                        start, trial_results, wait_for, write)
+from study.progress import DRIVER_LINE
 from tinyvit.config import load
 
 # what every run's git_commit tag must be: the checkout's commit, not the "unknown" fallback
@@ -171,8 +172,6 @@ def test_smoke_study_its_report_and_an_ablation_around_its_best_config(tmp_path,
 
 PROGRESS = re.compile(r"progress  (\d+) of (\d+) trials finished \((\d+) errored\), (\d+) running, "
                       r"(\d+) pending; (?:(\d+)h)?(?:(\d+)m)?(\d+)s elapsed(?:, (.*))?")
-DRIVER = re.compile(r"driver    longest loop step ([\d.]+) s \(step (\d+) of (\d+), at \S+\), "
-                    r"longest pause between steps ([\d.]+) s; trials (\d+) in ([\d.]+) s")
 
 
 def assert_progress_shown(out: str, total: int, errored: int, wall: float) -> None:
@@ -194,9 +193,11 @@ def assert_progress_shown(out: str, total: int, errored: int, wall: float) -> No
         h, mins, sec = (int(x or 0) for x in m.groups()[5:8])
         assert 0 <= 3600 * h + 60 * mins + sec <= wall + 1, m[0]
 
-    ends = [m for m in map(DRIVER.fullmatch, out.splitlines()) if m]
+    ends = [m for m in map(DRIVER_LINE.fullmatch, out.splitlines()) if m]
     assert len(ends) == 1, out[-4000:]
-    longest, at, steps, pause, trials, seconds = (float(x) for x in ends[0].groups())
+    longest, at, steps, _, pause, trials, seconds = ends[0].groups()
+    longest, at, steps, pause, trials, seconds = map(float, (longest, at, steps, pause, trials,
+                                                             seconds))
     assert trials == total and 0 < seconds < wall
     assert 1 <= at <= steps and steps >= total  # a step per trial's start, result and end at least
     assert 0 < longest < seconds and 0 <= pause < seconds
