@@ -104,8 +104,10 @@ def test_a_node_that_leaves_mid_study_its_trial_continues_on_another(tmp_path):
         d["train"]["epochs"] = 4
         d["ablation"] = {"factors": {"train.lr": [0.002, 0.003, 0.004]}}
         d["resources"] = {"cpu": 1, "max_concurrent": 2}
+        # the trial folders are Ray's snapshot of the driver's state, saved every ~10 s: every
+        # second here, so that a trial is seen between epochs before its 4 short epochs are over
         driver = start(write(tmp_path, d), "--address", cluster.address,
-                       env=env_without_tracking())
+                       env={**env_without_tracking(), "TUNE_GLOBAL_CHECKPOINT_S": "1"})
         study = tmp_path / "runs" / "leave"
 
         def trial_mid_run_on_the_worker():

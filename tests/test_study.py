@@ -275,7 +275,9 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path, mlflow
     path = write(tmp_path, d)
     study = tmp_path / "runs" / "resume"
     uri = sqlite_store(mlflow_schema, study / "mlflow.db")  # the study's default store
-    driver = start(path, env=env_without_tracking())  # and its own local cluster, killed with it
+    # and its own local cluster, killed with it; Ray saves the study's state every second (~10 s
+    # by default), so that a finished and a running trial are seen together in its snapshot
+    driver = start(path, env={**env_without_tracking(), "TUNE_GLOBAL_CHECKPOINT_S": "1"})
 
     # The trial folders under storage are Ray's synced snapshot of the driver's state: a row is
     # there only once the experiment state that --resume restores has recorded it.
