@@ -1,8 +1,7 @@
 """A tracking server that dies under a running study: a real `mlflow server` killed (SIGKILL to
 its process group) while trials train, then started again on the same port and SQLite store, or
-never, and answers lost on their way back to the driver. MLflow must end up holding exactly what
-Ray holds: one run per trial, one point per (metric, step), read back against the trials'
-result.json files."""
+never. MLflow must end up holding exactly what Ray holds: one run per trial, one point per
+(metric, step), read back against the trials' result.json files."""
 import http.client
 import shlex
 import signal
@@ -16,7 +15,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import contract as c
-from studyutil import REPO, env_without_tracking, experiment, start, trial_results, wait_for, write
+from studyutil import (REPO, env_without_tracking, experiment, run, start, trial_results, wait_for,
+                       write)
 
 
 def small_study(tmp_path, name: str) -> dict:
@@ -58,64 +58,15 @@ def assert_mlflow_holds_what_ray_holds(uri: str, name: str, study) -> None:
             [c.CHECKPOINT]
 
 
-class AnswerLosingProxy(ThreadingHTTPServer):
-    """A real HTTP hop in front of the tracking server that forwards every request, but hangs up
-    without an answer after the server has created a run, the first `drops` times: what a
-    network cut on the way back does. The client cannot tell whether the run exists."""
-
-    def __init__(self, upstream: str, drops: int):
-        host, port = upstream.removeprefix("http://").split(":")
-        self.upstream, self.drops, self.dropped = (host, int(port)), drops, []
-        super().__init__(("127.0.0.1", 0), _Forward)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def uri(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class _Forward(BaseHTTPRequestHandler):
-    def _forward(self):
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        upstream = http.client.HTTPConnection(*self.server.upstream, timeout=60)
-        headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
-        try:
-            upstream.request(self.command, self.path, body, headers)
-            answer = upstream.getresponse()
-            payload = answer.read()
-        except OSError:  # the server is down: so is the answer
-            self.close_connection = True
-            return
-        if self.path.endswith("/runs/create") and len(self.server.dropped) < self.server.drops:
-            self.server.dropped.append(payload)  # created; the client never hears of it
-            self.close_connection = True
-            return
-        self.send_response(answer.status)
-        for key, value in answer.getheaders():
-            if key.lower() not in ("transfer-encoding", "connection", "content-length"):
-                self.send_header(key, value)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
-
-    def log_message(self, *args):  # quiet
-        pass
-
-
 @pytest.mark.study
 def test_a_server_down_mid_study_holds_results_back_and_gets_them_all(tmp_path, mlflow_process,
                                                                     ray_head):
-    """And before the outage, the study's run and both trials' runs are created on the server
-    without the answer reaching the driver: its retries find them instead of adding more."""
     server = mlflow_process.start()
-    proxy = AnswerLosingProxy(server.uri, drops=3)
     d = small_study(tmp_path, "outage")
     d["train"]["epochs"] = 3
     # the driver waits for the server at the study's end as long as a busy machine needs to
     # start one (over a minute seen)
-    driver = start(write(tmp_path, d), "--tracking-uri", proxy.uri, "--mlflow-wait", "300",
+    driver = start(write(tmp_path, d), "--tracking-uri", server.uri, "--mlflow-wait", "300",
                    "--address", ray_head.address, env=env_without_tracking())
     study = tmp_path / "runs" / "outage"
     wait_for(lambda: first_epoch_logged(server.uri, "outage"), what="an epoch in MLflow")
@@ -126,13 +77,9 @@ def test_a_server_down_mid_study_holds_results_back_and_gets_them_all(tmp_path, 
     at_kill = results()
     wait_for(lambda: results() > at_kill, what="trials training on without MLflow")
     server.start()
-    try:
-        out, _ = driver.communicate(timeout=300)
-    finally:
-        proxy.shutdown()
+    out, _ = driver.communicate(timeout=300)
     assert driver.returncode == 0, out[-4000:]
     assert "is not answering" in out and "answers again" in out and "missed" not in out, out
-    assert len(proxy.dropped) == 3
     assert_mlflow_holds_what_ray_holds(server.uri, "outage", study)
     assert "registry  outage version 1" in out
 
@@ -168,3 +115,60 @@ def test_a_server_gone_for_good_ends_the_study_and_one_command_replays_it(tmp_pa
     assert "(0 missing points written)" in again and "in MLflow already" in again
     assert_mlflow_holds_what_ray_holds(server.uri, "gone", study)
     assert len(MlflowClient(server.uri).search_model_versions("name = 'gone'")) == 1
+
+
+class AnswerLosingProxy(ThreadingHTTPServer):
+    """A real HTTP hop in front of the tracking server that forwards every request, but hangs up
+    without an answer after the server has created a run, the first `drops` times: what a
+    network cut on the way back does. The client cannot tell whether the run exists."""
+
+    def __init__(self, upstream: str, drops: int):
+        host, port = upstream.removeprefix("http://").split(":")
+        self.upstream, self.drops, self.dropped = (host, int(port)), drops, []
+        super().__init__(("127.0.0.1", 0), _Forward)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _Forward(BaseHTTPRequestHandler):
+    def _forward(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        upstream = http.client.HTTPConnection(*self.server.upstream, timeout=60)
+        headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+        upstream.request(self.command, self.path, body, headers)
+        answer = upstream.getresponse()
+        payload = answer.read()
+        if self.path.endswith("/runs/create") and len(self.server.dropped) < self.server.drops:
+            self.server.dropped.append(payload)  # created; the client never hears of it
+            self.close_connection = True
+            return
+        self.send_response(answer.status)
+        for key, value in answer.getheaders():
+            if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                self.send_header(key, value)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+    def log_message(self, *args):  # quiet
+        pass
+
+
+@pytest.mark.study
+def test_runs_created_whose_answers_were_lost_are_found_not_made_twice(tmp_path, mlflow_server,
+                                                                       ray_head):
+    """The study's parent run and both trials' runs are created on the server, each time
+    without the answer reaching the driver: its retries find them instead of adding more."""
+    proxy = AnswerLosingProxy(mlflow_server, drops=3)
+    try:
+        out = run(write(tmp_path, small_study(tmp_path, "lost")), "--tracking-uri", proxy.uri,
+                  "--address", ray_head.address, env=env_without_tracking())
+    finally:
+        proxy.shutdown()
+    assert len(proxy.dropped) == 3 and "is not answering" in out and "answers again" in out
+    assert_mlflow_holds_what_ray_holds(mlflow_server, "lost", tmp_path / "runs" / "lost")
