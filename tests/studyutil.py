@@ -112,3 +112,10 @@ def stop_ray(temp_dir: str) -> None:
 
 def env_without_tracking() -> dict:
     return {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+
+
+def env_snapshot_every_second() -> dict:
+    """For a test that reads trial folders while the study runs: those folders are Ray's
+    snapshot of the driver's state, saved every ~10 s by default (or when a trial has written
+    as many checkpoints as it keeps); a few short epochs can end between two saves."""
+    return {**env_without_tracking(), "TUNE_GLOBAL_CHECKPOINT_S": "1"}

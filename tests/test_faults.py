@@ -11,8 +11,8 @@ from mlflow.tracking import MlflowClient
 from ray.tune import ExperimentAnalysis
 
 from study.spec import SpecError, parse_plan
-from studyutil import (REPO, env_without_tracking, experiment, run, start, trial_results, wait_for,
-                       write)
+from studyutil import (REPO, env_snapshot_every_second, env_without_tracking, experiment, run,
+                       start, trial_results, wait_for, write)
 from test_study import runs_of, steps
 from tinyvit.config import Config
 from tinyvit.data import load_arrays
@@ -104,10 +104,8 @@ def test_a_node_that_leaves_mid_study_its_trial_continues_on_another(tmp_path):
         d["train"]["epochs"] = 4
         d["ablation"] = {"factors": {"train.lr": [0.002, 0.003, 0.004]}}
         d["resources"] = {"cpu": 1, "max_concurrent": 2}
-        # the trial folders are Ray's snapshot of the driver's state, saved every ~10 s: every
-        # second here, so that a trial is seen between epochs before its 4 short epochs are over
         driver = start(write(tmp_path, d), "--address", cluster.address,
-                       env={**env_without_tracking(), "TUNE_GLOBAL_CHECKPOINT_S": "1"})
+                       env=env_snapshot_every_second())
         study = tmp_path / "runs" / "leave"
 
         def trial_mid_run_on_the_worker():

@@ -15,8 +15,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import contract as c
-from studyutil import (REPO, env_without_tracking, experiment, run, start, trial_results, wait_for,
-                       write)
+from studyutil import (REPO, env_snapshot_every_second, env_without_tracking, experiment, run,
+                       start, trial_results, wait_for, write)
 
 
 def small_study(tmp_path, name: str) -> dict:
@@ -67,7 +67,7 @@ def test_a_server_down_mid_study_holds_results_back_and_gets_them_all(tmp_path, 
     # the driver waits for the server at the study's end as long as a busy machine needs to
     # start one (over a minute seen)
     driver = start(write(tmp_path, d), "--tracking-uri", server.uri, "--mlflow-wait", "300",
-                   "--address", ray_head.address, env=env_without_tracking())
+                   "--address", ray_head.address, env=env_snapshot_every_second())
     study = tmp_path / "runs" / "outage"
     wait_for(lambda: first_epoch_logged(server.uri, "outage"), what="an epoch in MLflow")
     server.stop(signal.SIGKILL)

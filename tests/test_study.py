@@ -13,8 +13,8 @@ from mlflow.tracking import MlflowClient
 from ray import cloudpickle
 from ray.tune import ExperimentAnalysis
 
-from studyutil import (REPO, env_without_tracking, experiment, kill_tree, run, sqlite_store,
-                       start, trial_results, wait_for, write)
+from studyutil import (REPO, env_snapshot_every_second, env_without_tracking, experiment,
+                       kill_tree, run, sqlite_store, start, trial_results, wait_for, write)
 from study.progress import DRIVER_LINE
 from tinyvit.config import load
 
@@ -220,7 +220,8 @@ def test_errors_are_recorded_and_killed_trials_resume_from_their_checkpoint_and_
     study = tmp_path / "runs" / "faults"
     uri = sqlite_store(mlflow_schema, study / "mlflow.db")  # the study's default store
     began = time.monotonic()
-    driver = start(write(tmp_path, d), "--address", ray_head.address, env=env_without_tracking())
+    driver = start(write(tmp_path, d), "--address", ray_head.address,
+                   env=env_snapshot_every_second())
 
     def healthy_trial_mid_run():
         for folder, results in trial_results(study).items():
@@ -275,9 +276,9 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path, mlflow
     path = write(tmp_path, d)
     study = tmp_path / "runs" / "resume"
     uri = sqlite_store(mlflow_schema, study / "mlflow.db")  # the study's default store
-    # and its own local cluster, killed with it; Ray saves the study's state every second (~10 s
-    # by default), so that a finished and a running trial are seen together in its snapshot
-    driver = start(path, env={**env_without_tracking(), "TUNE_GLOBAL_CHECKPOINT_S": "1"})
+    # and its own local cluster, killed with it; Ray's snapshot every second, so that a finished
+    # and a running trial are seen together in it
+    driver = start(path, env=env_snapshot_every_second())
 
     # The trial folders under storage are Ray's synced snapshot of the driver's state: a row is
     # there only once the experiment state that --resume restores has recorded it.
