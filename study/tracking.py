@@ -5,6 +5,7 @@ import getpass
 import hashlib
 import json
 import subprocess
+import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -170,6 +171,9 @@ class Runs:
         self.client = MlflowClient(uri)
         self.tags = study_tags(plan, identity)
         self._pending, self._experiment_id, self._parent = experiment, None, None
+        # the outbox applies different trials' operations on several threads: the experiment and
+        # the study's run, which they share, are made once, under this lock
+        self._shared = threading.RLock()
         self.runs: dict[str, str] = {}  # trial id -> run id
         self.added = 0  # points a fill found missing
 
@@ -177,11 +181,12 @@ class Runs:
     def experiment_id(self) -> str:
         """The first trial waits here, if at all, for the set-up that the driver started in a
         thread alongside Tune's start-up; a restored study finds it by name."""
-        if self._experiment_id is None:
-            pending, self._pending = self._pending, None  # failed once: by name, retried
-            self._experiment_id = (pending.result() if pending is not None
-                                   else prepare_experiment(self.uri, *experiment_of(self.uri,
-                                                                                    self.plan)))
+        with self._shared:
+            if self._experiment_id is None:
+                pending, self._pending = self._pending, None  # failed once: by name, retried
+                self._experiment_id = (pending.result() if pending is not None
+                                       else prepare_experiment(self.uri, *experiment_of(
+                                           self.uri, self.plan)))
         return self._experiment_id
 
     def _own_runs(self, extra: str = "") -> list:
@@ -191,24 +196,25 @@ class Runs:
 
     def parent_id(self, start_ms: int | None = None, reopen: bool = False) -> str:
         """The study's parent run (found again on --resume), every trial's run its child."""
-        if self._parent is None:
-            found = self._own_runs(f" and tags.{c.RUN_KIND} = '{c.STUDY_RUN}'")
-            if not found:
-                parent = self.client.create_run(
-                    self.experiment_id, start_ms, run_name=self.plan.name,
-                    tags={**self.tags, c.RUN_KIND: c.STUDY_RUN}).info.run_id
-            else:
-                parent = found[0].info.run_id
-                if self.replay:
-                    self.tags.update({k: v for k, v in found[0].data.tags.items()
-                                      if k in STUDY_LEVEL})
-                elif reopen:
-                    self.client.update_run(parent, status="RUNNING")
-            # again on a found run: its creation may have been cut short before these
-            fixed = [Param(k, str(v)) for k, v in self.plan.config.flat().items()]
-            self.client.log_batch(parent, params=fixed)
-            self.client.log_inputs(parent, [self.dataset])
-            self._parent = parent
+        with self._shared:
+            if self._parent is None:
+                found = self._own_runs(f" and tags.{c.RUN_KIND} = '{c.STUDY_RUN}'")
+                if not found:
+                    parent = self.client.create_run(
+                        self.experiment_id, start_ms, run_name=self.plan.name,
+                        tags={**self.tags, c.RUN_KIND: c.STUDY_RUN}).info.run_id
+                else:
+                    parent = found[0].info.run_id
+                    if self.replay:
+                        self.tags.update({k: v for k, v in found[0].data.tags.items()
+                                          if k in STUDY_LEVEL})
+                    elif reopen:
+                        self.client.update_run(parent, status="RUNNING")
+                # again on a found run: its creation may have been cut short before these
+                fixed = [Param(k, str(v)) for k, v in self.plan.config.flat().items()]
+                self.client.log_batch(parent, params=fixed)
+                self.client.log_inputs(parent, [self.dataset])
+                self._parent = parent
         return self._parent
 
     def run_id(self, trial_id: str, config: dict, start_ms: int | None = None,
@@ -235,10 +241,11 @@ class Runs:
     def _create(self, trial_id: str, config: dict, start_ms: int | None, reopen: bool) -> str:
         """A trial's run and its tags: what it is, where it stands, whose child it is."""
         cfg = self.plan.trial_config(config)
+        parent = self.parent_id(start_ms, reopen)  # first: a replay takes the study's tags there
         tags = {**self.tags, c.TRIAL_ID: trial_id, c.SEED: str(cfg.train.seed),
                 c.MAX_EPOCHS: str(cfg.train.epochs), c.BUDGET: "0", c.STATUS: c.RUNNING,
-                c.SAMPLED: ",".join(self.plan.sampled(config)),
-                c.PARENT: self.parent_id(start_ms, reopen), c.RUN_KIND: c.TRIAL_RUN}
+                c.SAMPLED: ",".join(self.plan.sampled(config)), c.PARENT: parent,
+                c.RUN_KIND: c.TRIAL_RUN}
         cell = self.plan.design.cell(config)
         if cell is not None:
             tags[c.CELL] = cell
@@ -281,7 +288,8 @@ class Runs:
                 for m in self.client.get_metric_history(run_id, key)}
         missing = [m for kv, m in points.items() if kv not in have]
         self._log_batch(run_id, missing, tags)
-        self.added += len(missing)
+        with self._shared:
+            self.added += len(missing)
 
     def _log_batch(self, run_id: str, metrics: list[Metric], tags: dict) -> None:
         if not metrics and not tags:
@@ -309,15 +317,34 @@ class Runs:
                                    end_time=a["end_ms"])
 
     def end(self, op: Op) -> None:
-        """A driver killed between creating a trial's run and saving the trial in Ray's state
-        leaves a run for a trial that --resume never knew: delete it (MLflow keeps deleted
-        runs restorable), so that the study ends with exactly one run per trial. Only this
+        """One study run and one run per trial. Deleted (MLflow keeps deleted runs
+        restorable): a run of a trial that --resume never knew (a driver killed between creating
+        it and saving the trial in Ray's state), and a second run of the study or of a trial (a
+        creation the driver gave up on, after a timeout, that the server still carried out once
+        the retry had created the run again). Kept: the run this driver wrote to, else one
+        with metrics; a kept trial's run is made the child of the kept study run. Only this
         study instance's runs are looked at."""
-        known = set(op.args["known"])
-        for run in self._own_runs(f" and tags.{c.RUN_KIND} = '{c.TRIAL_RUN}'"):
-            if run.data.tags.get(c.TRIAL_ID) not in known:
-                self.client.delete_run(run.info.run_id)
-        parent = self.parent_id()
+        known, parent = set(op.args["known"]), self.parent_id()
+        by_trial: dict[str, list] = {}
+        for run in self._own_runs():
+            if run.data.tags.get(c.RUN_KIND) == c.STUDY_RUN:
+                if run.info.run_id != parent:
+                    self.client.delete_run(run.info.run_id)
+            else:
+                by_trial.setdefault(run.data.tags.get(c.TRIAL_ID), []).append(run)
+        for trial_id, runs in by_trial.items():
+            ids = [r.info.run_id for r in runs]
+            if trial_id not in known:
+                keep = None
+            elif self.runs.get(trial_id) in ids:
+                keep = self.runs[trial_id]
+            else:
+                keep = next((i for i, r in zip(ids, runs) if r.data.metrics), ids[0])
+            for run in runs:
+                if run.info.run_id != keep:
+                    self.client.delete_run(run.info.run_id)
+                elif run.data.tags.get(c.PARENT) != parent:
+                    self.client.set_tag(run.info.run_id, c.PARENT, parent)
         if self.client.get_run(parent).info.status != "FINISHED":  # ended once is enough
             self.client.set_terminated(parent, "FINISHED", end_time=op.args["end_ms"])
 

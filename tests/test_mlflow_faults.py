@@ -8,10 +8,12 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pandas as pd
 import pytest
+from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 import contract as c
@@ -118,13 +120,17 @@ def test_a_server_gone_for_good_ends_the_study_and_one_command_replays_it(tmp_pa
 
 
 class AnswerLosingProxy(ThreadingHTTPServer):
-    """A real HTTP hop in front of the tracking server that forwards every request, but hangs up
-    without an answer after the server has created a run, the first `drops` times: what a
-    network cut on the way back does. The client cannot tell whether the run exists."""
+    """A real HTTP hop in front of the tracking server that forwards every request, but answers
+    the first run creations according to `fates`, one each in order: "lost", forwarded and the
+    run created, then hung up on without an answer (a network cut on the way back: the client
+    cannot tell whether the run exists); "late", held `hold_s` before it is forwarded, by which
+    time the client has given up and may have created the run again (a slow server: the first
+    creation still lands, a second run of the same trial)."""
 
-    def __init__(self, upstream: str, drops: int):
+    def __init__(self, upstream: str, fates: list[str], hold_s: float = 0.0):
         host, port = upstream.removeprefix("http://").split(":")
-        self.upstream, self.drops, self.dropped = (host, int(port)), drops, []
+        self.upstream, self.fates, self.hold_s = (host, int(port)), list(fates), hold_s
+        self.unanswered, self._lock = [], threading.Lock()
         super().__init__(("127.0.0.1", 0), _Forward)
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
@@ -132,17 +138,26 @@ class AnswerLosingProxy(ThreadingHTTPServer):
     def uri(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
 
+    def fate(self, path: str) -> str | None:
+        if not path.endswith("/runs/create"):
+            return None
+        with self._lock:
+            return self.fates.pop(0) if self.fates else None
+
 
 class _Forward(BaseHTTPRequestHandler):
     def _forward(self):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        fate = self.server.fate(self.path)
+        if fate == "late":
+            time.sleep(self.server.hold_s)
         upstream = http.client.HTTPConnection(*self.server.upstream, timeout=60)
         headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
         upstream.request(self.command, self.path, body, headers)
         answer = upstream.getresponse()
         payload = answer.read()
-        if self.path.endswith("/runs/create") and len(self.server.dropped) < self.server.drops:
-            self.server.dropped.append(payload)  # created; the client never hears of it
+        if fate is not None:  # created; the client never hears of it
+            self.server.unanswered.append((fate, payload))
             self.close_connection = True
             return
         self.send_response(answer.status)
@@ -160,15 +175,28 @@ class _Forward(BaseHTTPRequestHandler):
 
 
 @pytest.mark.study
-def test_runs_created_whose_answers_were_lost_are_found_not_made_twice(tmp_path, mlflow_server,
-                                                                       ray_head):
-    """The study's parent run and both trials' runs are created on the server, each time
-    without the answer reaching the driver: its retries find them instead of adding more."""
-    proxy = AnswerLosingProxy(mlflow_server, drops=3)
+def test_runs_created_whose_answers_were_lost_or_late_are_one_run_each(tmp_path, mlflow_server,
+                                                                      ray_head):
+    """The study's run and a trial's run are each created once after the driver gave up on the
+    creation (a timeout), and again by its retry: the study ends with the extra runs deleted.
+    Then the retried creations, and the other trial's, are made without the answer reaching the
+    driver: its retries find those runs instead of adding more."""
+    # the driver's wait for an answer (30 s by default); a late creation lands 6 s after the
+    # driver's retry looked for it, long before the study's end (a trial's imports alone ~8 s)
+    timeout_s = 4
+    proxy = AnswerLosingProxy(mlflow_server, ["late", "lost", "late", "lost", "lost"],
+                              hold_s=2.5 * timeout_s)
     try:
         out = run(write(tmp_path, small_study(tmp_path, "lost")), "--tracking-uri", proxy.uri,
-                  "--address", ray_head.address, env=env_without_tracking())
+                  "--address", ray_head.address,
+                  env={**env_without_tracking(), "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)})
     finally:
         proxy.shutdown()
-    assert len(proxy.dropped) == 3 and "is not answering" in out and "answers again" in out
+    assert sorted(fate for fate, _ in proxy.unanswered) == ["late", "late", "lost", "lost", "lost"]
+    assert "is not answering" in out and "answers again" in out
     assert_mlflow_holds_what_ray_holds(mlflow_server, "lost", tmp_path / "runs" / "lost")
+    client = MlflowClient(mlflow_server)
+    deleted = client.search_runs([client.get_experiment_by_name("lost").experiment_id],
+                                 run_view_type=ViewType.DELETED_ONLY)
+    # one of each, or more where a busy server made the driver give up on other creations too
+    assert {r.data.tags[c.RUN_KIND] for r in deleted} == {c.STUDY_RUN, c.TRIAL_RUN}
