@@ -89,9 +89,9 @@ class Outbox:
                 if op.trial_id is None:
                     break
                 trials.setdefault(op.trial_id, []).append(op)
-            rounds = list(trials.values()) or [[pending[0]]]
-            outcomes = self._apply_round(rounds)
-            done = {id(op) for ops, (gone, _, _) in zip(rounds, outcomes) for op in ops[:gone]}
+            groups = list(trials.values()) or [[pending[0]]]
+            outcomes = self._apply_round(groups)
+            done = {id(op) for ops, (gone, _, _) in zip(groups, outcomes) for op in ops[:gone]}
             pending = deque(op for op in pending if id(op) not in done)
             for _ in done:
                 self._queue.task_done()
@@ -112,18 +112,19 @@ class Outbox:
                       f"{self._queue.unfinished_tasks} waiting operations", flush=True)
             self._down_since, pause = None, 0.0
 
-    def _apply_round(self, rounds: list[list]) -> list[tuple]:
-        """Each trial's operations of the round, on up to `self._lanes` threads; daemons, as the
-        drain thread: a request hanging on a dead server never holds up the driver's exit."""
+    def _apply_round(self, groups: list[list]) -> list[tuple]:
+        """The round's groups (one trial's operations each) on up to `self._lanes` threads;
+        daemons, as the drain thread: a request hanging on a dead server never holds up the
+        driver's exit."""
         if self._lanes == 1:
-            return [self._apply_in_order(ops) for ops in rounds]
-        outcomes, next_one = [None] * len(rounds), iter(range(len(rounds)))
+            return [self._apply_in_order(ops) for ops in groups]
+        outcomes, next_one = [None] * len(groups), iter(range(len(groups)))
 
         def lane():
             for i in next_one:  # each index once: the iterator hands them out under the GIL
-                outcomes[i] = self._apply_in_order(rounds[i])
+                outcomes[i] = self._apply_in_order(groups[i])
         lanes = [threading.Thread(target=lane, name="mlflow-lane", daemon=True)
-                 for _ in range(min(self._lanes, len(rounds)))]
+                 for _ in range(min(self._lanes, len(groups)))]
         for thread in lanes:
             thread.start()
         for thread in lanes:
