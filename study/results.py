@@ -10,6 +10,8 @@ from tinyvit.config import Config
 
 from .spec import Plan
 
+BEST_CONFIG = "best_config.yaml"  # in the study's folder: the best full-budget trial's config
+
 
 def trial_table(plan: Plan) -> tuple[pd.DataFrame, dict[str, Config]]:
     """One row per trial: config columns, final and best metrics, budget, status, wall time.
@@ -50,11 +52,12 @@ def write_results(plan: Plan) -> pd.DataFrame:
     table, configs = trial_table(plan)
     table.to_parquet(plan.path / "trials.parquet", index=False)
     table.to_csv(plan.path / "trials.csv", index=False)
-    best = ranked(table, plan.design.searched).head(1)
+    best, path = ranked(table, plan.design.searched).head(1), plan.path / BEST_CONFIG
+    path.unlink(missing_ok=True)  # no best yet: no stale one either
     if len(best):
         cfg = configs[best["trial_id"].iloc[0]].to_dict()
         cfg["train"]["threads"] = None  # the study's CPUs per trial, not a property of the model
-        (plan.path / "best_config.yaml").write_text(
+        path.write_text(
             f"# best full-budget trial of study '{plan.name}' by its configuration's mean val_acc "
             f"({best['config_val_acc'].iloc[0]:.4f} over {best['config_trials'].iloc[0]} "
             f"trials); trial {best['trial_id'].iloc[0]}, val_acc {best['val_acc'].iloc[0]:.4f}\n"
@@ -75,8 +78,10 @@ def summarize(plan: Plan, table: pd.DataFrame, uri: str) -> str:
                   "over its trials)" if repeated else "") + " (test_acc shown, never used to "
                   "choose):",
                   top[["trial_id", *dict.fromkeys(cols)]].to_string(index=False, float_format="%.4f")]
+    best = plan.path / BEST_CONFIG
     lines += [f"table     {plan.path / 'trials.parquet'} (and .csv)",
-              f"best      {plan.path / 'best_config.yaml'}",
+              f"best      {best}" if best.exists() else
+              "best      none yet: no trial has run its full budget",
               f"mlflow ui --backend-store-uri {uri}",
               "          then the experiment's runs: 'Model training' at the UI's top left"]
     return "\n".join(lines)

@@ -15,6 +15,7 @@ import shlex
 import sys
 import time
 
+import contract as c
 from tinyvit.config import ConfigError
 from tinyvit.data import DataError, check_arrays, load_arrays
 
@@ -95,9 +96,16 @@ def main(argv: list[str] | None = None) -> int:
     # written from Ray's state, after what this driver queued
     missed = finish(identity, args.mlflow_wait, ray_ops(plan)[0] if args.resume else [])
     print(summarize(plan, table, uri), flush=True)
+    # Tune returns as well when it was interrupted (Ctrl-C): trials it had not finished
+    planned = plan.design.trial_count()
+    unfinished = max(int((table[c.STATUS] == c.RUNNING).sum()), planned - len(table))
     if missed:
         print(missed_line(missed, uri, args))
         print("publish   skipped: the study's report and model wait for the replay above")
+    elif unfinished:
+        print(f"publish   not yet: the study was interrupted with {unfinished} of {planned} "
+              "trials unfinished; continue it with --resume")
+        return 130  # a shell's code for a command ended by Ctrl-C
     else:
         print("\n".join(publish_results(plan, uri, identity, table, args)))
     return 0

@@ -268,6 +268,32 @@ def test_errors_are_recorded_and_killed_trials_resume_from_their_checkpoint_and_
 
 
 @pytest.mark.study
+def test_an_interrupted_study_says_so_and_publishes_nothing(tmp_path, mlflow_schema, ray_head):
+    """Ctrl-C: Tune saves the study's state and returns; the driver names what is unfinished and
+    how to continue it, and builds no report, publishes no model, claims no best config."""
+    d = experiment(tmp_path, name="interrupted", scheduler={"type": "none"})
+    d["train"]["epochs"] = 4
+    d["data"]["synthetic_train"] = 3000
+    d["mlflow"]["report"] = True
+    study = tmp_path / "runs" / "interrupted"
+    sqlite_store(mlflow_schema, study / "mlflow.db")
+    driver = start(write(tmp_path, d), "--address", ray_head.address,
+                   env=env_snapshot_every_second())
+    try:
+        wait_for(lambda: any(trial_results(study).values()), what="a trial's first epoch")
+        driver.send_signal(signal.SIGINT)
+        out, _ = driver.communicate(timeout=300)
+    finally:
+        if driver.returncode is None:
+            kill_tree(driver)
+    assert driver.returncode == 130, out[-4000:]
+    assert re.search(r"publish   not yet: the study was interrupted with [1-9]\d* of \d+ trials "
+                     r"unfinished; continue it with --resume", out), out[-4000:]
+    assert "best      none yet" in out and not (study / "best_config.yaml").exists()
+    assert "report    " not in out and "model     " not in out
+
+
+@pytest.mark.study
 def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path, mlflow_schema,
                                                                  study_cli):
     d = experiment(tmp_path, name="resume", scheduler={"type": "none"})
