@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pandas as pd
@@ -123,14 +122,14 @@ class AnswerLosingProxy(ThreadingHTTPServer):
     """A real HTTP hop in front of the tracking server that forwards every request, but answers
     the first run creations according to `fates`, one each in order: "lost", forwarded and the
     run created, then hung up on without an answer (a network cut on the way back: the client
-    cannot tell whether the run exists); "late", held `hold_s` before it is forwarded, by which
-    time the client has given up and may have created the run again (a slow server: the first
-    creation still lands, a second run of the same trial)."""
+    cannot tell whether the run exists); "late", held until the next creation, the client's
+    retry after it gave up waiting, has gone through, then forwarded unanswered (a slow server:
+    the first creation still lands, a second run of the same trial)."""
 
-    def __init__(self, upstream: str, fates: list[str], hold_s: float = 0.0):
+    def __init__(self, upstream: str, fates: list[str]):
         host, port = upstream.removeprefix("http://").split(":")
-        self.upstream, self.fates, self.hold_s = (host, int(port)), list(fates), hold_s
-        self.unanswered, self._lock = [], threading.Lock()
+        self.upstream, self.fates = (host, int(port)), list(fates)
+        self.unanswered, self.held, self._lock = [], [], threading.Lock()
         super().__init__(("127.0.0.1", 0), _Forward)
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
@@ -150,12 +149,17 @@ class _Forward(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         fate = self.server.fate(self.path)
         if fate == "late":
-            time.sleep(self.server.hold_s)
+            released = threading.Event()
+            self.server.held.append(released)
+            released.wait(timeout=120)
         upstream = http.client.HTTPConnection(*self.server.upstream, timeout=60)
         headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
         upstream.request(self.command, self.path, body, headers)
         answer = upstream.getresponse()
         payload = answer.read()
+        if self.path.endswith("/runs/create") and fate != "late":
+            for released in self.server.held:  # the retry went through: the late ones land now
+                released.set()
         if fate is not None:  # created; the client never hears of it
             self.server.unanswered.append((fate, payload))
             self.close_connection = True
@@ -181,11 +185,8 @@ def test_runs_created_whose_answers_were_lost_or_late_are_one_run_each(tmp_path,
     creation (a timeout), and again by its retry: the study ends with the extra runs deleted.
     Then the retried creations, and the other trial's, are made without the answer reaching the
     driver: its retries find those runs instead of adding more."""
-    # the driver's wait for an answer (30 s by default); a late creation lands 6 s after the
-    # driver's retry looked for it, long before the study's end (a trial's imports alone ~8 s)
-    timeout_s = 4
-    proxy = AnswerLosingProxy(mlflow_server, ["late", "lost", "late", "lost", "lost"],
-                              hold_s=2.5 * timeout_s)
+    timeout_s = 4  # the driver's wait for an answer (30 s by default)
+    proxy = AnswerLosingProxy(mlflow_server, ["late", "lost", "late", "lost", "lost"])
     try:
         out = run(write(tmp_path, small_study(tmp_path, "lost")), "--tracking-uri", proxy.uri,
                   "--address", ray_head.address,
