@@ -214,6 +214,18 @@ class BudgetAwareOptuna(OptunaSearch):
         self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
         self._completed_trials.add(trial_id)
 
+    def restore(self, checkpoint_path: str):
+        super().restore(checkpoint_path)
+        # Optuna's journal is written as a trial ends, Tune's snapshot (this searcher with it)
+        # every few seconds: a driver killed between the two leaves a trial Optuna has finished
+        # that Tune runs again from its last checkpoint. The journal is the truth: that trial is
+        # finished here too, so its re-run epochs never reach Optuna, which refuses to update a
+        # finished trial (UpdateFinishedTrialError, which ends the study).
+        finished = {t.number for t in self._ot_study.get_trials(deepcopy=False)
+                    if t.state.is_finished()}
+        self._completed_trials |= {trial_id for trial_id, ot_trial in self._ot_trials.items()
+                                   if ot_trial.number in finished}
+
 
 SEEDS_KEY = "seeds"
 

@@ -1,11 +1,14 @@
 """The search and its budget: a trial ASHA stops reaches Optuna as pruned, not as complete, and
-Optuna's study is kept beside the study in Optuna's own storage."""
+Optuna's study is kept beside the study in Optuna's own storage, which a resumed study's searcher
+reads as the truth."""
 import optuna
 import pandas as pd
 import pytest
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
+
+from study.tuner import BudgetAwareOptuna
 
 
 @pytest.mark.xdist_group("search_study")
@@ -25,3 +28,32 @@ def test_a_trial_asha_stops_is_pruned_in_optuna_with_its_epochs(search_study):
     assert stopped.intermediate_values[2] == row["val_acc"] == stopped.value  # Optuna's rule
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     assert len(done) == 2 and sorted(t.value for t in done) == sorted(table["val_acc"].iloc[1:])
+
+
+def test_a_trial_optuna_finished_after_tunes_last_snapshot_is_not_told_again(tmp_path):
+    # Optuna's journal is written as a trial ends, Tune's snapshot (with the searcher) every few
+    # seconds: a driver killed between the two is resumed with a trial Tune runs again from its
+    # last checkpoint but Optuna has finished. Its re-run epochs must not reach Optuna, which
+    # refuses to update a finished trial (UpdateFinishedTrialError ended such a resumed study).
+    def searcher():
+        storage = JournalStorage(JournalFileBackend(str(tmp_path / "optuna.log")))
+        return BudgetAwareOptuna(space=learning_rate, metric="val_acc", mode="max", seed=0,
+                                 study_name="s", storage=storage)
+    driver = searcher()
+    driver.suggest("a")
+    driver.on_trial_result("a", {"val_acc": 0.3, "training_iteration": 1})
+    driver.save(str(tmp_path / "searcher.pkl"))  # Tune's last snapshot
+    driver.on_trial_result("a", {"val_acc": 0.4, "training_iteration": 2})
+    driver.on_trial_complete("a", {"val_acc": 0.4})  # in the journal; then the driver is killed
+
+    resumed = searcher()
+    resumed.restore(str(tmp_path / "searcher.pkl"))
+    resumed.on_trial_result("a", {"val_acc": 0.45, "training_iteration": 2})  # the re-run epoch
+    resumed.on_trial_complete("a", {"val_acc": 0.45})
+    (told,) = resumed._ot_study.get_trials()
+    assert told.state == TrialState.COMPLETE and told.value == 0.4  # told once, as it first ended
+    assert resumed.suggest("b") is not None and len(resumed._ot_study.get_trials()) == 2
+
+
+def learning_rate(trial) -> dict:
+    return {"train.lr": trial.suggest_float("train.lr", 1e-3, 1e-2)}
