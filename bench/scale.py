@@ -48,7 +48,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -63,21 +62,16 @@ import psutil
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the tests' helpers for local clusters
 
 import contract as c  # noqa: E402
 from study.progress import DRIVER_LINE  # noqa: E402
+from studyutil import free_port, stop_ray  # noqa: E402
 
 BIN = Path(sys.executable).parent  # the ray and mlflow of the Python that runs this
 NAME = "scale"
 FLAT_MIB_PER_100 = 1.0
 COST_TARGET_S = 0.5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def study_file(folder: Path, args) -> Path:
@@ -123,18 +117,8 @@ class Cluster:
                 sys.exit(f"ray start {' '.join(args)} failed:\n{r.stderr[-3000:]}")
 
     def stop(self) -> None:
-        # this cluster's daemons carry their temp dir in their options; workers are children
-        daemons = [p for p in psutil.process_iter(["cmdline"])
-                   if any(a.startswith("--") and any(f"={d}" in a for d in self.temp_dirs)
-                          for a in p.info["cmdline"] or ())]
-        family = {p for d in daemons for p in [d, *d.children(recursive=True)]}
-        for p in family:
-            try:
-                p.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(family, timeout=30)
         for d in self.temp_dirs:
+            stop_ray(d)
             shutil.rmtree(d, ignore_errors=True)
 
 

@@ -29,12 +29,21 @@ class Progress(tune.Callback):
         # the ETA is drawn from the pace since this driver's first trial started (the cluster's
         # start-up is no part of it): trials ended under this driver per second
         self.first_trial, self.done, self.eta_shown = None, 0, False
+        # finished and errored trials by id: those this driver saw end (Tune marks the trials it
+        # stops at an interrupt TERMINATED, unfinished as they are), and, on a resumed study,
+        # those already ended when it restored them (read at the first step)
+        self.ended, self.errored, self.restored = set(), set(), False
         self.steps, self.step_began, self.step_ended = 0, None, None
         self.longest_step, self.longest_step_at, self.longest_step_when = 0.0, 0, 0.0
         self.longest_pause = 0.0
 
     def on_step_begin(self, iteration, trials, **info):
         now = time.monotonic()
+        if not self.restored:
+            self.restored = True
+            self.ended |= {t.trial_id for t in trials
+                           if t.status in (Trial.TERMINATED, Trial.ERROR)}
+            self.errored |= {t.trial_id for t in trials if t.status == Trial.ERROR}
         if self.step_ended is not None:
             self.longest_pause = max(self.longest_pause, now - self.step_ended)
         self.step_began = now
@@ -59,14 +68,16 @@ class Progress(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.done += 1
+        self.ended.add(trial.trial_id)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.done += 1
+        self.ended.add(trial.trial_id)
+        self.errored.add(trial.trial_id)
 
     def line(self, trials: list, now: float) -> str:
-        finished = sum(t.status in (Trial.TERMINATED, Trial.ERROR) for t in trials)
-        errored = sum(t.status == Trial.ERROR for t in trials)
-        running = sum(t.status == Trial.RUNNING for t in trials)
+        finished, errored = len(self.ended), len(self.errored)
+        running = sum(t.status == Trial.RUNNING and t.trial_id not in self.ended for t in trials)
         pending = max(0, self.total - finished - running)
         elapsed = now - self.start
         if finished >= self.total:

@@ -96,9 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     # written from Ray's state, after what this driver queued
     missed = finish(identity, args.mlflow_wait, ray_ops(plan)[0] if args.resume else [])
     print(summarize(plan, table, uri), flush=True)
-    # Tune returns as well when it was interrupted (Ctrl-C): trials it had not finished
+    # Tune returns as well when it was interrupted (Ctrl-C): the trials it had not finished, and
+    # those of a search it had not yet asked the searcher for (no row)
     planned = plan.design.trial_count()
-    unfinished = max(int((table[c.STATUS] == c.RUNNING).sum()), planned - len(table))
+    unfinished = int((table[c.STATUS] == c.RUNNING).sum()) + max(0, planned - len(table))
     if missed:
         print(missed_line(missed, uri, args))
         print("publish   skipped: the study's report and model wait for the replay above")

@@ -291,6 +291,10 @@ def test_an_interrupted_study_says_so_and_publishes_nothing(tmp_path, mlflow_sch
                      r"unfinished; continue it with --resume", out), out[-4000:]
     assert "best      none yet" in out and not (study / "best_config.yaml").exists()
     assert "report    " not in out and "model     " not in out
+    # the progress line agrees: the trials Tune stopped at the interrupt are not finished
+    finished, planned = map(int, re.findall(r"progress  (\d+) of (\d+) trials finished", out)[-1])
+    unfinished = int(re.search(r"interrupted with (\d+) of", out).group(1))
+    assert finished + unfinished == planned, out[-4000:]
 
 
 @pytest.mark.study
