@@ -1,10 +1,13 @@
-"""Write the README's Results section from built reports, so no number is typed by hand.
+"""Write the README's Results tables from built reports, so that no figure in them is typed by hand.
 
-    python -m reports.readme [--search reports/examples/quick]
-                             [--ablation reports/examples/pos_embedding_ladder] [--readme README.md]
+    python -m reports.readme [--search REPORT ...] [--ablation REPORT ...] [--readme README.md]
+                             [--preface TEXT]
 
 Reads the tables a report build wrote (tables/summary.csv, best.csv, ablation.csv) and replaces
-what lies between the `<!-- results:start -->` and `<!-- results:end -->` markers.
+what lies between the `<!-- results:start -->` and `<!-- results:end -->` markers: the preface
+(the text above the first table: kept unless --preface replaces it), then each search's best
+trials and each ablation's effects, in the order given (by default the committed examples
+`quick`, `recipe_search`, `pos_embedding_ladder` and `recipe_confirm`, those that exist).
 """
 from __future__ import annotations
 
@@ -80,30 +83,42 @@ def markdown(table: pd.DataFrame) -> str:
                         for row in table.itertuples(index=False))])
 
 
-def render(search: Path | None, ablation: Path | None) -> str:
-    parts = [search_section(search)] if search else []
-    parts += [ablation_section(ablation)] if ablation else []
-    return "\n\n".join(parts)
+def render(searches: list[Path], ablations: list[Path]) -> str:
+    return "\n\n".join([*map(search_section, searches), *map(ablation_section, ablations)])
 
 
-def replace_section(readme: Path, body: str) -> None:
+# where the generated part of the section begins: its first table's heading
+FIRST_TABLE = re.compile(r"^\*\*(?:Search|Ablation)\*\* ", re.M)
+
+
+def replace_section(readme: Path, body: str, preface: str | None) -> None:
     text = readme.read_text()
     if START not in text or END not in text:
         raise SystemExit(f"error: {readme} has no {START} ... {END} markers")
+    if preface is None:
+        preface = FIRST_TABLE.split(text.split(START, 1)[1].split(END, 1)[0], maxsplit=1)[0]
+    inside = f"{preface.strip()}\n\n{body}".strip()
     text = re.sub(f"{re.escape(START)}.*?{re.escape(END)}",
-                  lambda _: f"{START}\n{body}\n{END}", text, flags=re.S)
+                  lambda _: f"{START}\n{inside}\n{END}", text, flags=re.S)
     readme.write_text(text)
+
+
+EXAMPLES = Path("reports/examples")
+SEARCHES, ABLATIONS = ("quick", "recipe_search"), ("pos_embedding_ladder", "recipe_confirm")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m reports.readme", description=__doc__.split("\n")[0])
-    ap.add_argument("--search", type=Path, default=Path("reports/examples/quick"))
-    ap.add_argument("--ablation", type=Path, default=Path("reports/examples/pos_embedding_ladder"))
+    ap.add_argument("--search", type=Path, action="append", help="a search's report folder")
+    ap.add_argument("--ablation", type=Path, action="append", help="an ablation's report folder")
     ap.add_argument("--readme", type=Path, default=Path("README.md"))
-    ap.add_argument("--preface", default="", help="text placed above the generated tables")
+    ap.add_argument("--preface", help="text placed above the tables (default: the README's)")
     args = ap.parse_args(argv)
-    body = render(args.search, args.ablation)
-    replace_section(args.readme, f"{args.preface}\n\n{body}".strip())
+    if args.search is None and args.ablation is None:
+        args.search = [EXAMPLES / n for n in SEARCHES if (EXAMPLES / n / "tables").is_dir()]
+        args.ablation = [EXAMPLES / n for n in ABLATIONS if (EXAMPLES / n / "tables").is_dir()]
+    body = render(args.search or [], args.ablation or [])
+    replace_section(args.readme, body, args.preface)
     return 0
 
 

@@ -348,6 +348,7 @@ def test_readme_results_are_written_from_report_tables(tmp_path):
     from reports.readme import main as readme_main
     for name, tables in {
         "search": {"best": "trial,model.depth,val_acc,test_acc,run_id\nt1,4,0.61234,0.6,r\n"},
+        "search2": {"best": "trial,model.pool,val_acc,test_acc,run_id\nt9,seq,0.7,0.71,r\n"},
         "abl": {"ablation": "cell,n,mean,ci_low,ci_high,diff,diff_low,diff_high,p_value,verdict\n"
                             "baseline,3,0.5,0.48,0.52,,,,,baseline\n"
                             "model.pos_embedding=none,3,0.45,0.43,0.47,-0.05,-0.07,-0.03,0.01,"
@@ -360,11 +361,15 @@ def test_readme_results_are_written_from_report_tables(tmp_path):
             (tmp_path / name / "tables" / f"{table}.csv").write_text(text)
     readme = tmp_path / "README.md"
     readme.write_text("# x\n<!-- results:start -->\nold\n<!-- results:end -->\ntail\n")
-    readme_main(["--search", str(tmp_path / "search"), "--ablation", str(tmp_path / "abl"),
-                 "--readme", str(readme)])
+    tables = ["--search", str(tmp_path / "search"), "--search", str(tmp_path / "search2"),
+              "--ablation", str(tmp_path / "abl"), "--readme", str(readme)]
+    readme_main([*tables, "--preface", "What the runs were."])
     text = readme.read_text()
     assert "old" not in text and text.endswith("tail\n")
     assert "| t1 | 4 | 0.6123 | 0.6000 |" in text
+    assert text.index("What the runs were.") < text.index("| t1 |") < text.index("| t9 | seq |")
+    readme_main(tables)  # again, tables rebuilt: the preface written by hand is kept, once
+    assert readme.read_text() == text
     assert "| model.pos_embedding=none | 3 | 0.4500 [0.4300, 0.4700] | -0.0500 [-0.0700, -0.0300]" \
         in text
 
