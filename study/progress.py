@@ -32,15 +32,15 @@ class Progress(tune.Callback):
         # finished and errored trials by id: those this driver saw end (Tune marks the trials it
         # stops at an interrupt TERMINATED, unfinished as they are), and, on a resumed study,
         # those already ended when it restored them (read at the first step)
-        self.ended, self.errored, self.restored = set(), set(), False
+        self.ended, self.errored, self.counted_restored = set(), set(), False
         self.steps, self.step_began, self.step_ended = 0, None, None
         self.longest_step, self.longest_step_at, self.longest_step_when = 0.0, 0, 0.0
         self.longest_pause = 0.0
 
     def on_step_begin(self, iteration, trials, **info):
         now = time.monotonic()
-        if not self.restored:
-            self.restored = True
+        if not self.counted_restored:
+            self.counted_restored = True
             self.ended |= {t.trial_id for t in trials
                            if t.status in (Trial.TERMINATED, Trial.ERROR)}
             self.errored |= {t.trial_id for t in trials if t.status == Trial.ERROR}
