@@ -202,8 +202,9 @@ class BudgetAwareOptuna(OptunaSearch):
     does for Optuna's own pruners, and importance reads completed full-budget trials only."""
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-        stopped = (result and not error and trial_id not in self._completed_trials
-                   and result.get("epoch", 0) < result.get(MAX_EPOCHS, 0))
+        if trial_id in self._completed_trials:  # told already (see restore): Ray warns, no more
+            return super().on_trial_complete(trial_id, result, error)
+        stopped = result and not error and result.get("epoch", 0) < result.get(MAX_EPOCHS, 0)
         if not stopped:
             for key, value in (result or {}).get(SEEDS_KEY, {}).items():  # SeedRepeats' spread
                 self._ot_trials[trial_id].set_user_attr(key, value)
@@ -221,10 +222,16 @@ class BudgetAwareOptuna(OptunaSearch):
         # that Tune runs again from its last checkpoint. The journal is the truth: that trial is
         # finished here too, so its re-run epochs never reach Optuna, which refuses to update a
         # finished trial (UpdateFinishedTrialError, which ends the study).
-        finished = {t.number for t in self._ot_study.get_trials(deepcopy=False)
-                    if t.state.is_finished()}
+        journal = self._ot_study.get_trials(deepcopy=False)
+        finished = {t.number for t in journal if t.state.is_finished()}
         self._completed_trials |= {trial_id for trial_id, ot_trial in self._ot_trials.items()
                                    if ot_trial.number in finished}
+        # and a trial asked of Optuna after that snapshot, which no restored trial runs: failed,
+        # not left running in the journal (and in optuna-dashboard) for ever
+        known = {ot_trial.number for ot_trial in self._ot_trials.values()}
+        for t in journal:
+            if t.state == TrialState.RUNNING and t.number not in known:
+                self._ot_study.tell(t.number, state=TrialState.FAIL)
 
 
 SEEDS_KEY = "seeds"

@@ -44,15 +44,18 @@ def test_a_trial_optuna_finished_after_tunes_last_snapshot_is_not_told_again(tmp
     driver.on_trial_result("a", {"val_acc": 0.3, "training_iteration": 1})
     driver.save(str(tmp_path / "searcher.pkl"))  # Tune's last snapshot
     driver.on_trial_result("a", {"val_acc": 0.4, "training_iteration": 2})
-    driver.on_trial_complete("a", {"val_acc": 0.4})  # in the journal; then the driver is killed
+    driver.on_trial_complete("a", {"val_acc": 0.4})  # in the journal
+    driver.suggest("b")  # asked of Optuna, and the driver is killed before Tune records it
 
     resumed = searcher()
     resumed.restore(str(tmp_path / "searcher.pkl"))
     resumed.on_trial_result("a", {"val_acc": 0.45, "training_iteration": 2})  # the re-run epoch
-    resumed.on_trial_complete("a", {"val_acc": 0.45})
-    (told,) = resumed._ot_study.get_trials()
+    resumed.on_trial_complete("a", {"val_acc": 0.45, "seeds": {"val_acc_sd": 0.1}})
+    told, lost = resumed._ot_study.get_trials()
     assert told.state == TrialState.COMPLETE and told.value == 0.4  # told once, as it first ended
-    assert resumed.suggest("b") is not None and len(resumed._ot_study.get_trials()) == 2
+    assert told.user_attrs == {}
+    assert lost.state == TrialState.FAIL  # not running for ever
+    assert resumed.suggest("c") is not None and len(resumed._ot_study.get_trials()) == 3
 
 
 def learning_rate(trial) -> dict:
