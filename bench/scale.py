@@ -29,6 +29,13 @@ What it reports, and how each figure is defined:
   its steady-state part, the same with W replaced by the span from the first epoch's start to
   the last trial's end (1-s resolution: Ray's result timestamps); the part of it spent inside
   the trial processes (Tune's `time_total_s` beyond the epochs); and plain W / N.
+- the framework's cost in core time: in the same steady-state span, the CPU time (user +
+  system) of the driver, the MLflow server, the cluster's trial processes and Ray's other
+  processes, each with its descendants (sampled every 2 s), less the trainings' own CPU time
+  (every epoch's `cpu_seconds`), per trial. Wall-clock slot time charges the framework for
+  the cores it takes from the trials: with more slots than cores (8 on 2 here) a CPU-second
+  of the driver or the server costs several slot-seconds. Also the rest of the machine's busy
+  time (this script's sampling among it) and its idle time, per trial.
 - driver memory: the RSS of the `study.run` process alone (no children), sampled every 0.5 s;
   its peak, and its growth per 100 trials: the slope of a least-squares line of RSS against
   trials finished (from each trial's last result timestamp), over the samples taken after
@@ -38,7 +45,7 @@ What it reports, and how each figure is defined:
 
 Targets: every run and every point present, no duplicate, the driver's memory flat after
 warm-up (growth under 1 MiB per 100 trials), framework cost under 0.5 s per trial at 8
-concurrent.
+concurrent (in slot time and in core time).
 """
 from __future__ import annotations
 
@@ -153,24 +160,79 @@ class MlflowServer:
             os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-def drive(path: Path, cluster: Cluster, uri: str, log: Path) -> tuple[float, list]:
-    """The study's wall time and [(time, driver RSS in bytes)] every 0.5 s."""
+class CpuLedger:
+    """The CPU time (user + system, in core-seconds) each part of the study has used so far:
+    the driver, the MLflow server, the cluster's worker processes (where trials run: Ray names
+    them `ray::...`) and its other processes (Ray's daemons and agents), each with its
+    descendants; and the whole machine's busy time. A process that exits keeps what it used."""
+
+    PARTS = ("driver", "mlflow server", "trial processes", "ray daemons")
+
+    def __init__(self, driver: int, server: int, temp_dirs: list[str]):
+        self.roots = {"driver": [driver], "mlflow server": [server]}
+        self.temp_dirs, self.used, self.rows = temp_dirs, {}, []
+
+    def _members(self):
+        for part, pids in self.roots.items():
+            for pid in pids:
+                try:
+                    me = psutil.Process(pid)
+                    yield from ((part, p) for p in [me, *me.children(recursive=True)])
+                except psutil.NoSuchProcess:
+                    pass
+        daemons = [p for p in psutil.process_iter(["cmdline"]) if any(
+            a.startswith("--") and any(f"={d}" in a for d in self.temp_dirs)
+            for a in p.info["cmdline"] or ())]
+        for p in {q for d in daemons for q in [d, *d.children(recursive=True)]}:
+            try:
+                yield ("trial processes" if p.name().startswith("ray::") else "ray daemons"), p
+            except psutil.NoSuchProcess:
+                pass
+
+    def sample(self) -> None:
+        for part, p in self._members():
+            try:
+                with p.oneshot():
+                    t = p.cpu_times()
+                    self.used[p.pid, p.create_time()] = (part, t.user + t.system)
+            except psutil.NoSuchProcess:
+                pass
+        busy = psutil.cpu_times()
+        total = {part: 0.0 for part in self.PARTS}
+        for part, seconds in self.used.values():
+            total[part] += seconds
+        self.rows.append((time.time(), total, sum(busy) - busy.idle - busy.iowait))
+
+    def between(self, t0: float, t1: float) -> tuple[float, dict, float]:
+        """(seconds, {part: core-seconds}, the machine's busy core-seconds) from the sample
+        nearest t0 to the one nearest t1."""
+        a, b = (min(self.rows, key=lambda row: abs(row[0] - t)) for t in (t0, t1))
+        return b[0] - a[0], {k: b[1][k] - a[1][k] for k in self.PARTS}, b[2] - a[2]
+
+
+def drive(path: Path, cluster: Cluster, server: "MlflowServer",
+          log: Path) -> tuple[float, list, CpuLedger]:
+    """The study's wall time, [(time, driver RSS in bytes)] every 0.5 s, and the CPU its parts
+    used, sampled every 2 s."""
     samples, start = [], time.time()
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "study.run", str(path), "--address",
-                                 cluster.address, "--tracking-uri", uri], cwd=REPO,
+                                 cluster.address, "--tracking-uri", server.uri], cwd=REPO,
                                 env=cluster.env, stdout=out, stderr=subprocess.STDOUT)
         me = psutil.Process(proc.pid)
+        cpu = CpuLedger(proc.pid, server.proc.pid, cluster.temp_dirs)
         while proc.poll() is None:
             try:
                 samples.append((time.time(), me.memory_info().rss))
+                if len(samples) % 4 == 1:
+                    cpu.sample()
             except psutil.NoSuchProcess:
                 break
             time.sleep(0.5)
     wall = time.time() - start
     if proc.wait():
         sys.exit(f"study.run exited with {proc.returncode}; its output: {log}")
-    return wall, samples
+    return wall, samples, cpu
 
 
 def ray_trials(study: Path) -> dict[str, list[dict]]:
@@ -272,7 +334,7 @@ def main() -> None:
     try:
         cluster = Cluster(folder, (half, args.concurrent - half))
         server = MlflowServer(folder)
-        wall, samples = drive(path, cluster, server.uri, folder / "driver.log")
+        wall, samples, cpu = drive(path, cluster, server, folder / "driver.log")
         trials = ray_trials(folder / "runs" / NAME)
         counts = mlflow_counts(server.uri, trials)
     finally:
@@ -280,12 +342,12 @@ def main() -> None:
             if part is not None:
                 part.stop()
     log = (folder / "driver.log").read_text()
-    report(args, wall, samples, trials, counts, log)
+    report(args, wall, samples, cpu, trials, counts, log)
     if args.keep is None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def report(args, wall, samples, trials, counts, log) -> None:
+def report(args, wall, samples, cpu, trials, counts, log) -> None:
     results = [r for rs in trials.values() for r in rs]
     epochs = sum(r["epoch_seconds"] for r in results)
     inside = sum(rs[-1]["time_total_s"] for rs in trials.values() if rs) - epochs
@@ -295,6 +357,11 @@ def report(args, wall, samples, trials, counts, log) -> None:
     n, slots = len(trials), args.concurrent
     cost = (wall * slots - epochs) / n
     steady = ((max(ends) - first) * slots - epochs) / n
+    span, used, busy = cpu.between(first, max(ends))
+    trained = sum(r.get("cpu_seconds", float("nan")) for r in results)
+    used["trial processes"] -= trained  # beyond their epochs
+    core_cost = sum(used.values()) / n
+    cores = psutil.cpu_count()
     mem = memory(samples, ends, args.warmup_trials)
     stall = DRIVER_LINE.search(log)
     ok = {"all present": counts["runs_missing"] == counts["points_missing"] == 0
@@ -302,7 +369,8 @@ def report(args, wall, samples, trials, counts, log) -> None:
           "no duplicate": counts["runs_dup"] == counts["points_dup"] == 0,
           "memory flat": mem["growth"] < FLAT_MIB_PER_100 if mem["growth"] == mem["growth"]
           else None,
-          f"cost < {COST_TARGET_S} s/trial": cost < COST_TARGET_S}
+          f"cost < {COST_TARGET_S} s/trial in slot time": cost < COST_TARGET_S,
+          "in core time": core_cost < COST_TARGET_S}
     statuses = Counter(c.trial_status(rs[-1]["epoch"], rs[-1][c.MAX_EPOCHS]) if rs else "no result"
                        for rs in trials.values())
     print(f"{n} trials in Ray ({args.trials} planned; {dict(statuses)}), {args.epochs} epochs, "
@@ -319,6 +387,11 @@ def report(args, wall, samples, trials, counts, log) -> None:
           f"trial's end to exit {start + wall - max(ends):.1f} s)")
     print(f"          of which inside the trials' processes {inside / n:.3f} s per trial (Tune's "
           f"time_total_s beyond the epochs: set-up, checkpoints, reports, the test pass)")
+    print(f"cpu       steady state, {span:.0f} s x {cores} cores = {span * cores:.0f} core-s; "
+          f"per trial: trainings (their epochs' CPU) {trained / n:.3f}, the framework "
+          f"{core_cost:.3f} core-s = " + " + ".join(f"{k} {v / n:.3f}" for k, v in used.items())
+          + f" (trial processes beyond their epochs); the rest of the machine "
+          f"{(busy - trained - sum(used.values())) / n:.3f}, idle {(span * cores - busy) / n:.3f}")
     growth = (f"{mem['growth']:+.2f} MiB per 100 trials over trials {mem['fit_span'][0]}-"
               f"{mem['fit_span'][1]} ({mem['at_warmup']:.0f} -> {mem['at_end']:.0f} MiB, "
               f"{mem['fit_samples']} samples)" if mem["growth"] == mem["growth"]

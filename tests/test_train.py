@@ -234,7 +234,7 @@ def test_fit_normalises_with_the_statistics_that_come_with_the_data(tiny_cfg):
     def train(a):
         states = []
         metrics = fit(tiny_cfg, a, lambda m, state: states.append(state()))
-        timing = ("epoch_seconds", "images_per_sec")
+        timing = ("epoch_seconds", "cpu_seconds", "images_per_sec")
         return ({k: v for k, v in metrics.items() if k not in timing},
                 (states[-1]["mean"], states[-1]["std"]))
 
@@ -258,7 +258,10 @@ def test_short_run_beats_chance_and_reports_every_epoch(tiny_cfg):
     assert [m["epoch"] for m in seen] == [1, 2]
     assert final["val_acc"] > 0.3 and final["test_acc"] > 0.3  # chance is 0.1
     assert set(seen[0]) >= {"train_loss", "train_acc", "val_loss", "val_acc", "lr",
-                            "epoch_seconds", "images_per_sec"}
+                            "epoch_seconds", "cpu_seconds", "images_per_sec"}
+    # one thread trains (tiny: train.threads 1): the epoch's CPU time stays under its wall time
+    # (well under where other processes take the cores), and is counted
+    assert all(0 < m["cpu_seconds"] < 1.5 * m["epoch_seconds"] for m in seen)
     assert "test_acc" not in seen[0]  # the test set is touched once, after the last epoch
 
 

@@ -101,7 +101,7 @@ def fit(cfg: Config, arrays: Arrays | None = None, on_epoch: OnEpoch | None = No
 
     metrics = {}
     for epoch in range(start, tc.epochs + 1):
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         model.train()
         # sums stay on the device: a .item() per step would sync the GPU every step
         loss_sum = torch.zeros((), device=device)
@@ -143,6 +143,9 @@ def fit(cfg: Config, arrays: Arrays | None = None, on_epoch: OnEpoch | None = No
                    "val_loss": val_loss, "val_acc": val_acc,
                    "lr": optimizer.param_groups[0]["lr"],
                    "epoch_seconds": time.perf_counter() - t0,
+                   # the process's CPU time in the epoch, every thread's: against epoch_seconds
+                   # it shows a trial waiting for cores (bench/scale.py prices the framework so)
+                   "cpu_seconds": time.process_time() - cpu0,
                    "images_per_sec": steps_per_epoch * batch_size / train_seconds,
                    "params": count_params(model)}
         if epoch == tc.epochs:  # test once, at the end: it is reported, never selected on
