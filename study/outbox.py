@@ -42,7 +42,7 @@ def transient(e: Exception) -> bool:
 class Outbox:
     def __init__(self, apply, uri: str):
         """`apply(ops)` writes one operation, or a run of one trial's consecutive `log`
-        operations at once."""
+        operations and the `close` that may end it, at once."""
         self.apply, self.uri = apply, uri
         self._queue: queue.Queue = queue.Queue()
         self._refused = 0
@@ -132,13 +132,15 @@ class Outbox:
         return outcomes
 
     def _apply_in_order(self, ops: list) -> tuple[int, int, Exception | None]:
-        """One trial's operations in order (its consecutive results in one write), until one
+        """One trial's operations in order (its consecutive results, and its close if it
+        follows them, in one write), until one
         fails for want of a server or the outbox closes: (how many went, of them how many
         MLflow refused, that failure)."""
         gone = refused = 0
         while gone < len(ops) and not self._closed.is_set():
-            n = 1
-            while ops[gone].kind == "log" and gone + n < len(ops) and ops[gone + n].kind == "log":
+            n = 1  # consecutive results go together, and with them the close that follows
+            while (ops[gone + n - 1].kind == "log" and gone + n < len(ops)
+                   and ops[gone + n].kind in ("log", "close")):
                 n += 1
             try:
                 self.apply(ops[gone:gone + n])

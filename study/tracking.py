@@ -13,6 +13,7 @@ from pathlib import Path
 
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 from ray import tune
 
@@ -148,6 +149,13 @@ def closed(plan: Plan, trial, errored: bool) -> Op:
         "end_ms": int(end) * 1000 if end else None})
 
 
+def merged(results: list[Op]) -> tuple[list[Metric], dict]:
+    """One trial's results as one write: every metric, and the tags in order (the last
+    budget tag stays)."""
+    return ([m for op in results for m in op.args["metrics"]],
+            {k: v for op in results for k, v in op.args["tags"].items()})
+
+
 def ended(trials, end_ms: int | None) -> Op:
     return Op("end", args={"known": [t.trial_id for t in trials], "end_ms": end_ms})
 
@@ -175,6 +183,10 @@ class Runs:
         # the study's run, which they share, are made once, under this lock
         self._shared = threading.RLock()
         self.runs: dict[str, str] = {}  # trial id -> run id
+        # a run this driver created: its params go with its first batch, and its checkpoint
+        # where its creation said, without asking the server again (two requests a trial fewer)
+        self._owed: dict[str, list[Param]] = {}  # run id -> params not yet logged
+        self._artifacts: dict[str, str] = {}  # run id -> artifact URI
         self.added = 0  # points a fill found missing
 
     @property
@@ -223,17 +235,18 @@ class Runs:
             return self.runs[trial_id]
         found = (self._own_runs(f" and tags.{c.TRIAL_ID} = '{trial_id}'")
                  if not self.fresh or trial_id in self._unsure else [])
+        cfg, unsampled = self.plan.trial_config(config), (set(self.plan.design.searched)
+                                                         - set(self.plan.sampled(config)))
+        params = [Param(k, str(v)) for k, v in cfg.flat().items() if k not in unsampled]
         if not found:
             run_id = self._create(trial_id, config, start_ms, reopen)
+            self._owed[run_id] = params
         else:
             run_id = found[0].info.run_id
             if reopen and not self.replay:  # a resumed study or a retried trial: its run goes on
                 self.client.update_run(run_id, status="RUNNING")
-        # again on a found run: its creation may have been cut short before these
-        cfg, unsampled = self.plan.trial_config(config), (set(self.plan.design.searched)
-                                                         - set(self.plan.sampled(config)))
-        self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in cfg.flat().items()
-                                              if k not in unsampled])
+            # again on a found run: its creation may have been cut short before these
+            self.client.log_batch(run_id, params=params)
         self.client.log_inputs(run_id, [self.dataset])
         self.runs[trial_id] = run_id
         return run_id
@@ -250,31 +263,29 @@ class Runs:
         if cell is not None:
             tags[c.CELL] = cell
         try:
-            return self.client.create_run(self.experiment_id, start_ms, tags=tags,
-                                          run_name=run_name(self.plan, config)).info.run_id
+            info = self.client.create_run(self.experiment_id, start_ms, tags=tags,
+                                          run_name=run_name(self.plan, config)).info
+            self._artifacts[info.run_id] = info.artifact_uri
+            return info.run_id
         except Exception:  # the run may exist (an answer lost on its way back): look first
             self._unsure.add(trial_id)
             raise
 
     def apply(self, ops: list[Op]) -> None:
-        if ops[0].kind == "log":
+        """One operation, or one trial's consecutive results and the close that may follow
+        them (Outbox), in one write."""
+        *results, last = ops
+        if last.kind == "close":
+            return self.close(last, results)
+        if last.kind == "log":
             return self.log(ops)
-        (op,) = ops
-        getattr(self, op.kind)(op)
+        getattr(self, last.kind)(last)
 
     def open(self, op: Op) -> None:
         self.run_id(op.trial_id, op.config, op.args["start_ms"], op.args["reopen"])
 
     def log(self, ops: list[Op]) -> None:
-        """Results, in one log_batch per trial (in order: the last budget tag stays)."""
-        by_trial: dict[str, list[Op]] = {}
-        for op in ops:
-            by_trial.setdefault(op.trial_id, []).append(op)
-        for trial_ops in by_trial.values():
-            metrics = [m for op in trial_ops for m in op.args["metrics"]]
-            tags = {k: v for op in trial_ops for k, v in op.args["tags"].items()}
-            self._log_batch(self.run_id(trial_ops[0].trial_id, trial_ops[0].config),
-                            metrics, tags)
+        self._log_batch(self.run_id(ops[0].trial_id, ops[0].config), *merged(ops))
 
     def fill(self, op: Op) -> None:
         """The points of Ray's results the run lacks, one per (metric, step): a result that
@@ -292,19 +303,24 @@ class Runs:
             self.added += len(missing)
 
     def _log_batch(self, run_id: str, metrics: list[Metric], tags: dict) -> None:
-        if not metrics and not tags:
+        params = self._owed.get(run_id, [])
+        if not metrics and not tags and not params:
             return
-        size = 900  # MLflow takes at most 1000 values in one log_batch
+        size = 800  # MLflow takes at most 1000 values in one log_batch, 100 of them params
         for i in range(0, max(len(metrics), 1), size):
             self.client.log_batch(run_id, metrics=metrics[i:i + size],
+                                  params=params if i == 0 else [],
                                   tags=[RunTag(k, v) for k, v in tags.items()] if i == 0 else [])
+        self._owed.pop(run_id, None)
 
-    def close(self, op: Op) -> None:
+    def close(self, op: Op, results: list[Op] = ()) -> None:
+        """The trial's outcome, in one write with its last `results` if they came with it."""
         run_id, a = self.run_id(op.trial_id, op.config), op.args
         tags = {c.STATUS: a["status"], c.BUDGET: str(a["budget"])}
         if a["error"] is not None:
             tags[c.ERROR] = a["error"]
-        self._log_batch(run_id, [], tags)
+        metrics, logged = merged(results)
+        self._log_batch(run_id, metrics, logged | tags)
         if a["checkpoint"] is not None:  # the reports draw its attention maps
             with a["checkpoint"].as_directory() as folder:
                 path = Path(folder) / c.CHECKPOINT_FILE
@@ -312,9 +328,16 @@ class Runs:
                     f.path: f.file_size
                     for f in self.client.list_artifacts(run_id, c.CHECKPOINT_DIR)}
                 if stored.get(c.CHECKPOINT) != path.stat().st_size:  # none, or cut short
-                    self.client.log_artifact(run_id, str(path), c.CHECKPOINT_DIR)
+                    self._upload(run_id, path)
         self.client.set_terminated(run_id, "FAILED" if a["status"] == c.ERRORED else "FINISHED",
                                    end_time=a["end_ms"])
+
+    def _upload(self, run_id: str, path: Path) -> None:
+        if run_id in self._artifacts:
+            get_artifact_repository(self._artifacts[run_id], tracking_uri=self.uri).log_artifact(
+                str(path), c.CHECKPOINT_DIR)
+        else:
+            self.client.log_artifact(run_id, str(path), c.CHECKPOINT_DIR)
 
     def end(self, op: Op) -> None:
         """One study run and one run per trial. Deleted (MLflow keeps deleted runs
