@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 from ray import tune
 from ray.exceptions import AuthenticationError
 from ray.tune import CheckpointConfig, FailureConfig, RunConfig
+from ray.tune.logger import JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import Repeater
 from ray.tune.search.optuna import OptunaSearch
@@ -277,10 +278,15 @@ def _run_config(plan: Plan, uri: str, identity: str, arrays, experiment: Future,
                 fresh: bool) -> RunConfig:
     from .tracking import MlflowTrials, dataset_input  # mlflow: waits for the thread's import
 
+    # Of Tune's default loggers only the JSON one: each trial's result.json is what its results
+    # are read from (the results table, --sync-mlflow, ExperimentAnalysis); the CSV copy and the
+    # TensorBoard event files (MLflow shows the curves) cost the driver's loop a write each
+    # per result
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     return RunConfig(name=plan.name, storage_path=str(plan.storage), verbose=1,
                      callbacks=[MlflowTrials(uri, plan, identity,
                                              dataset_input(plan.config, arrays), experiment,
                                              fresh),
-                                Progress()],
+                                Progress(), JsonLoggerCallback()],
                      failure_config=FailureConfig(max_failures=plan.max_failures),
                      checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS))

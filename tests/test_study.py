@@ -68,6 +68,9 @@ def test_smoke_study_its_report_and_an_ablation_around_its_best_config(tmp_path,
     table = pd.read_parquet(study / "trials.parquet")
     assert len(table) == 4 and set(table["status"]) <= {"completed", "early-stopped"}
     assert pd.read_csv(study / "trials.csv").shape == table.shape
+    # of Tune's loggers the JSON one alone: no CSV copy of each result, no TensorBoard files
+    assert len(list(study.glob("*/result.json"))) == 4
+    assert not [*study.glob("*/progress.csv"), *study.glob("*/events.out.tfevents.*")]
     # whatever ASHA stopped here (that depends on which trial reaches epoch 1 first), a trial is
     # completed exactly when it ran its whole budget, and only completed trials were tested
     completed = table["status"] == "completed"
@@ -327,7 +330,8 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path, mlflow
     # version of this code would have left: objects without the attributes today's code reads
     state = cloudpickle.loads((study / "tuner.pkl").read_bytes())
     callbacks = state["_run_config"].callbacks
-    assert {type(c).__name__ for c in callbacks} == {"MlflowTrials", "Progress"}
+    assert {type(c).__name__ for c in callbacks} == {"MlflowTrials", "Progress",
+                                                     "JsonLoggerCallback"}
     for callback in callbacks:
         callback.__dict__.clear()
     (study / "tuner.pkl").write_bytes(cloudpickle.dumps(state))
