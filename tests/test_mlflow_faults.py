@@ -3,6 +3,7 @@ its process group) while trials train, then started again on the same port and S
 never. MLflow must end up holding exactly what Ray holds: one run per trial, one point per
 (metric, step), read back against the trials' result.json files."""
 import http.client
+import json
 import shlex
 import signal
 import subprocess
@@ -122,9 +123,12 @@ class AnswerLosingProxy(ThreadingHTTPServer):
     """A real HTTP hop in front of the tracking server that forwards every request, but answers
     the first run creations according to `fates`, one each in order: "lost", forwarded and the
     run created, then hung up on without an answer (a network cut on the way back: the client
-    cannot tell whether the run exists); "late", held until the next creation, the client's
-    retry after it gave up waiting, has gone through, then forwarded unanswered (a slow server:
-    the first creation still lands, a second run of the same trial)."""
+    cannot tell whether the run exists); "late", held until the client's retry of that creation
+    (the same trial, or the study's run) has gone through after it gave up waiting, then
+    forwarded unanswered (a slow server: the first creation still lands, a second run of the
+    same trial). Held by whose run it is: another trial's creation landing meanwhile must not
+    release it before the retry, or the retry would find it and the fates would go to other
+    creations than the test means."""
 
     def __init__(self, upstream: str, fates: list[str]):
         host, port = upstream.removeprefix("http://").split(":")
@@ -136,6 +140,12 @@ class AnswerLosingProxy(ThreadingHTTPServer):
     @property
     def uri(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
+
+    @staticmethod
+    def whose(body: bytes) -> str | None:
+        """The trial id a run creation tags, None for the study's run."""
+        tags = json.loads(body or b"{}").get("tags", [])
+        return next((t["value"] for t in tags if t["key"] == c.TRIAL_ID), None)
 
     def fate(self, path: str) -> str | None:
         if not path.endswith("/runs/create"):
@@ -150,7 +160,7 @@ class _Forward(BaseHTTPRequestHandler):
         fate = self.server.fate(self.path)
         if fate == "late":
             released = threading.Event()
-            self.server.held.append(released)
+            self.server.held.append((self.server.whose(body), released))
             released.wait(timeout=120)
         upstream = http.client.HTTPConnection(*self.server.upstream, timeout=60)
         headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
@@ -158,8 +168,9 @@ class _Forward(BaseHTTPRequestHandler):
         answer = upstream.getresponse()
         payload = answer.read()
         if self.path.endswith("/runs/create") and fate != "late":
-            for released in self.server.held:  # the retry went through: the late ones land now
-                released.set()
+            for whose, released in self.server.held:  # the retry went through: the late one
+                if whose == self.server.whose(body):  # lands now
+                    released.set()
         if fate is not None:  # created; the client never hears of it
             self.server.unanswered.append((fate, payload))
             self.close_connection = True
