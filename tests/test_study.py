@@ -316,16 +316,16 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path, mlflow
     # The trial folders under storage are Ray's synced copy of the driver's: their rows can run
     # ahead of the experiment state that --resume restores (a row written after the state was
     # saved, copied with it), so what is finished is what that state says.
-    def finished() -> set:
+    def ray_state() -> dict:
         try:
-            return {t.trial_id for t in ExperimentAnalysis(str(study)).trials
-                    if t.status == "TERMINATED"}
+            return {t.trial_id: t for t in ExperimentAnalysis(str(study)).trials}
         except Exception:  # noqa: BLE001  a state file caught mid-copy: not yet
-            return set()
+            return {}
 
     def one_done_one_midway():
         counts = [len(r) for r in trial_results(study).values()]
-        return 4 in counts and any(1 <= n < 4 for n in counts) and finished()
+        return 4 in counts and any(1 <= n < 4 for n in counts) and any(
+            t.status == "TERMINATED" for t in ray_state().values())
     try:
         wait_for(one_done_one_midway, what="a finished and a running trial")
     finally:
@@ -349,9 +349,13 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path, mlflow
     command = shlex.split(refused.stderr.split("Ray's own copy is whole: ")[1])
     assert command[0] == "cp" and command[2] == str(saved), command
     subprocess.run(command, check=True)
-    ended = finished()  # in the state the resume starts from
-    done = [f for f, rows in before.items() if rows and rows[0]["trial_id"] in ended]
-    midway = [f for f, rows in before.items() if rows and f not in done]
+    restored = ray_state()  # the state the resume starts from
+    done = [f for f, rows in before.items()
+            if rows and restored[rows[0]["trial_id"]].status == "TERMINATED"]
+    # a trial the state saw report goes on from its checkpoint; one whose rows all came after
+    # the state was saved rightly starts again
+    midway = [f for f, rows in before.items()
+              if rows and f not in done and restored[rows[0]["trial_id"]].last_result]
     assert done and midway
 
     out = run(path, "--resume", env=env_without_tracking())
