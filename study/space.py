@@ -261,10 +261,11 @@ def _param(key: str, dist, where: str) -> Param:
 
 def parse_ablation(raw: dict, base: dict) -> Ablation:
     """`raw` is the experiment file's ablation section, `base` the nested base config."""
-    factors = raw.get("factors")
-    if not isinstance(factors, dict) or not factors:
-        raise SpaceError("ablation.factors must map at least one config key to a list of "
-                         "values (mode: ablation)")
+    # no factors: the base configuration alone over the seeds (a seeded confirmation of a winner)
+    factors = raw.get("factors") or {}
+    if not isinstance(factors, dict):
+        raise SpaceError("ablation.factors must map config keys to lists of values (mode: "
+                         "ablation), or be left out to repeat the base configuration over seeds")
     design = raw.get("design", "one-at-a-time")
     if design not in ("one-at-a-time", "crossed"):
         raise SpaceError(f"ablation.design={short(design)} is not one of one-at-a-time, crossed")
