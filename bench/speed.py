@@ -317,8 +317,10 @@ def budgets(args, overrides: list[str], arrays: Arrays) -> dict:
     A run's epochs are the most whose estimated time fits the multiple: from a three-epoch
     calibration run, the second epoch's seconds (the first warms up, the last ends with the test
     pass) for every epoch, and the rest of its wall time (data set-up, warm-up, test pass) once.
-    Its real wall time is what is reported, beside its share of the seed recipe's."""
-    seed_wall = seed_recipe(args, arrays)["wall_s"]
+    Its real wall time is what is reported, beside its share of the seed recipe's. With
+    `--seconds`, the budgets are wall-clock seconds and the seed recipe is not run (a GPU's
+    budget is minutes of that GPU, not a multiple of a CPU recipe)."""
+    seed_wall = 1.0 if args.seconds else seed_recipe(args, arrays)["wall_s"]
     calibration = time_to_accuracy(args, [*overrides, "train.epochs=3"], arrays)
     first, second, _ = calibration["epoch_ends_s"]
     per_epoch = second - first
@@ -331,20 +333,23 @@ def budgets(args, overrides: list[str], arrays: Arrays) -> dict:
                                         f"train.seed={seed}"], arrays)
             runs.append({**r, "seed": seed, "multiple": multiple,
                          "share": r["wall_s"] / seed_wall})
-    print(f"\nbudgets: the seed recipe took {seed_wall:.1f}s here; the recipe {per_epoch:.1f}s "
-          f"an epoch after {fixed:.1f}s of set-up, warm-up and test pass\n"
-          f"  seed  budget  epochs     wall   share  val_acc  test_acc", flush=True)
+    unit = "s" if args.seconds else "x"
+    print("\nbudgets: " + ("in seconds" if args.seconds else
+                           f"the seed recipe took {seed_wall:.1f}s here")
+          + f"; the recipe {per_epoch:.1f}s an epoch after {fixed:.1f}s of set-up, warm-up and "
+          f"test pass\n  seed  budget  epochs     wall   share  val_acc  test_acc", flush=True)
     for r in runs:
         over = "  over its budget" if r["share"] > r["multiple"] else ""
-        print(f"  {r['seed']:>4}  {r['multiple']:>5.2f}x  {r['epochs']:>6}  {r['wall_s']:6.1f}s  "
-              f"{r['share']:5.2f}x  {r['val_acc']:.4f}   {r['test_acc']:.4f}{over}", flush=True)
+        print(f"  {r['seed']:>4}  {r['multiple']:>5.2f}{unit}  {r['epochs']:>6}  {r['wall_s']:6.1f}s"
+              f"  {r['share']:5.2f}{unit}  {r['val_acc']:.4f}   {r['test_acc']:.4f}{over}", flush=True)
     for seed in args.seeds:
         mine = sorted((r for r in runs if r["seed"] == seed), key=lambda r: r["wall_s"])
         for target in (SEED_TARGET, TARGET_80):
             hit = next((r for r in mine if r["test_acc"] >= target), None)
             print(f"  seed {seed}: {target:.1%} test " + (
-                f"reached in {hit['wall_s']:.1f}s = {hit['share']:.2f}x the seed recipe's time "
-                f"({hit['epochs']} epochs)" if hit else "not reached by any budget"), flush=True)
+                f"reached in {hit['wall_s']:.1f}s" + ("" if args.seconds else
+                f" = {hit['share']:.2f}x the seed recipe's time") + f" ({hit['epochs']} epochs)"
+                if hit else "not reached by any budget"), flush=True)
     return {"seed_wall_s": seed_wall, "epoch_s": per_epoch, "fixed_s": fixed, "runs": runs}
 
 
@@ -357,6 +362,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed-epochs", type=int, default=10, help="seed-recipe: epochs")
     ap.add_argument("--budgets", type=float, nargs="+", default=[2.5],
                     help="budgets: multiples of the seed recipe's time to train the recipe for")
+    ap.add_argument("--seconds", action="store_true",
+                    help="budgets: --budgets are wall-clock seconds, not multiples of the seed "
+                         "recipe's time (which is then not run)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="budgets: train.seed")
     ap.add_argument("--config", default=str(DEFAULT_RECIPE),
                     help="recipe YAML: its train/data sections drive (b); all of it drives "

@@ -73,6 +73,8 @@ ABLATION = {
     "model.pos_embedding=rope2d": {0: 0.73, 1: 0.76},  # two seeds only
 }
 
+CONFIRM = {0: 0.78, 1: 0.80, 2: 0.79}
+
 
 def cell_params(cell):
     """The config of an ablation cell: the baseline's, with the cell's key=value pairs."""
@@ -127,6 +129,11 @@ def store(tmp_path_factory, mlflow_schema):
             log_trial(client, ablation, f"{cell}/seed{seed}", cell_params(cell), curve(final),
                       seed=seed, mode="ablation", searched="model.pos_embedding,model.pool",
                       cell=cell)
+
+    confirm = new("confirm")  # an ablation without factors: the base configuration over seeds
+    for seed, final in CONFIRM.items():
+        log_trial(client, confirm, f"baseline/seed{seed}", cell_params("baseline"), curve(final),
+                  seed=seed, mode="ablation", searched="", cell="baseline")
 
     running = new("running")  # no trial has finished yet
     for i, depth in enumerate((2, 4)):  # data.subset set in one trial only, like a conditional key
@@ -240,6 +247,18 @@ def test_ablation_effects_with_paired_intervals(ablation_report):
     assert "interval spans zero" in effects.loc["model.pool=mean", "verdict"]
     assert "too few seeds" in effects.loc["model.pool=mean", "verdict"]
     assert effects.loc["model.pos_embedding=rope2d", "verdict"].startswith("too few seeds")
+
+
+def test_a_confirmation_without_factors_reports_its_accuracy_over_seeds(store, tmp_path):
+    out = build(["confirm"], store, tmp_path / "confirm")
+    effects = table(out, "ablation", index_col="cell")
+    assert effects.index.tolist() == ["baseline"]
+    base = effects.loc["baseline"]
+    assert (base["mean"], base.n) == (pytest.approx(0.79), 3)
+    assert (base.ci_low, base.ci_high) == pytest.approx((0.79 - T_975[2] * 0.01 / np.sqrt(3),
+                                                         0.79 + T_975[2] * 0.01 / np.sqrt(3)))
+    assert base.test_acc_mean == pytest.approx(0.78)  # log_trial's test_acc: final val - 0.01
+    assert "searched: nothing" in (out / "report.html").read_text()
 
 
 def test_welch_test_when_seeds_do_not_pair(store):

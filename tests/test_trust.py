@@ -123,6 +123,14 @@ def test_repeated_levels_and_seeds_are_refused_not_counted_twice(tmp_path, ablat
         plan_of(tmp_path, mode="ablation", search=None, ablation=ablation)
 
 
+def test_an_ablation_without_factors_repeats_the_base_configuration_over_its_seeds(tmp_path):
+    plan = plan_of(tmp_path, mode="ablation", search=None, ablation={"seeds": [3, 5]})
+    assert [(c.name, c.overrides) for c in plan.design.cells] == [("baseline", {})]
+    assert plan.design.trial_count() == 2 and plan.design.searched == []
+    with pytest.raises(SpecError, match="ablation.factors must map config keys"):
+        plan_of(tmp_path, mode="ablation", search=None, ablation={"factors": ["model.depth"]})
+
+
 def test_numbers_yaml_reads_as_strings_are_levels_and_bounds(tmp_path):
     plan = plan_of(tmp_path, mode="ablation", search=None,
                    ablation={"factors": {"train.lr": ["1e-3", "3e-3"]}, "seeds": 2})
