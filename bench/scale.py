@@ -73,7 +73,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the tests' helpers for local 
 
 import contract as c  # noqa: E402
 from study.progress import DRIVER_LINE  # noqa: E402
-from studyutil import free_port, stop_ray  # noqa: E402
+from studyutil import cluster_processes, free_port, stop_ray  # noqa: E402
 
 BIN = Path(sys.executable).parent  # the ray and mlflow of the Python that runs this
 NAME = "scale"
@@ -180,10 +180,7 @@ class CpuLedger:
                     yield from ((part, p) for p in [me, *me.children(recursive=True)])
                 except psutil.NoSuchProcess:
                     pass
-        daemons = [p for p in psutil.process_iter(["cmdline"]) if any(
-            a.startswith("--") and any(f"={d}" in a for d in self.temp_dirs)
-            for a in p.info["cmdline"] or ())]
-        for p in {q for d in daemons for q in [d, *d.children(recursive=True)]}:
+        for p in cluster_processes(*self.temp_dirs):
             try:
                 yield ("trial processes" if p.name().startswith("ray::") else "ray daemons"), p
             except psutil.NoSuchProcess:

@@ -101,13 +101,26 @@ def sqlite_store(schema: Path, path: Path) -> str:
     return f"sqlite:///{path}"
 
 
+def cluster_processes(*temp_dirs: str) -> set[psutil.Process]:
+    """The processes of the Ray clusters started with these temp_dirs, and of no other: a
+    cluster's daemons carry options into its temp_dir (`--log_dir=TEMP_DIR/session_...`); its
+    worker processes are their children."""
+    daemons = [p for p in psutil.process_iter(["cmdline"]) if any(
+        a.startswith("--") and any(f"={d}" in a for d in temp_dirs)
+        for a in p.info["cmdline"] or ())]
+    family = set()
+    for d in daemons:
+        try:
+            family |= {d, *d.children(recursive=True)}
+        except psutil.NoSuchProcess:
+            pass
+    return family
+
+
 def stop_ray(temp_dir: str) -> None:
     """`ray stop --force` for one cluster only: `ray stop` kills every Ray process on the
-    machine, other tests' included. A cluster's daemons carry options into its temp_dir
-    (`--log_dir=TEMP_DIR/session_...`); its worker processes are their children."""
-    daemons = [p for p in psutil.process_iter(["cmdline"])
-               if any(a.startswith("--") and f"={temp_dir}" in a for a in p.info["cmdline"] or ())]
-    kill({p for d in daemons for p in [d, *d.children(recursive=True)]})
+    machine, other tests' included."""
+    kill(cluster_processes(temp_dir))
 
 
 def env_without_tracking() -> dict:
