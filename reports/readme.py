@@ -41,16 +41,19 @@ def search_section(report: Path) -> str:
 def ablation_section(report: Path) -> str:
     s = summary(report)
     effects = pd.read_csv(report / "tables" / "ablation.csv")
-    rows = ["| cell | n | val_acc mean [95% CI] | diff to baseline [95% CI] | p | verdict |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| cell | n | val_acc mean [95% CI] | diff to baseline [95% CI] | p | verdict | "
+            "test_acc mean |", "|---|---|---|---|---|---|---|"]
     for _, r in effects.iterrows():
         diff = ("" if pd.isna(r.get("diff_low")) else
                 f"{r['diff']:+.4f} [{r['diff_low']:+.4f}, {r['diff_high']:+.4f}]")
         p = "" if pd.isna(r.get("p_value")) else f"{r['p_value']:.3f}"
+        test = "" if pd.isna(r.get("test_acc_mean")) else f"{r['test_acc_mean']:.4f}"
         rows.append(f"| {r['cell']} | {int(r['n'])} | {r['mean']:.4f} [{r['ci_low']:.4f}, "
-                    f"{r['ci_high']:.4f}] | {diff} | {p} | {r['verdict']} |")
+                    f"{r['ci_high']:.4f}] | {diff} | {p} | {r['verdict']} | {test} |")
+    # an ablation without factors: the base configuration over seeds, nothing to compare
+    kind = "Confirmation" if len(effects) == 1 else "Ablation"
     return "\n".join([
-        f"**Ablation** (`{report.name}`, report: `{report}/report.html`): {s['trials']} trials, "
+        f"**{kind}** (`{report.name}`, report: `{report}/report.html`): {s['trials']} trials, "
         f"{s['full-budget trials']} at the full budget of {s['max epochs']} epochs, "
         f"{float(s['compute hours (sum of epoch_seconds)']):.2f} compute hours."
         + (" Effects at the longest budget:" if (report / "tables" / "ladder.csv").exists()
@@ -88,7 +91,7 @@ def render(searches: list[Path], ablations: list[Path]) -> str:
 
 
 # where the generated part of the section begins: its first table's heading
-FIRST_TABLE = re.compile(r"^\*\*(?:Search|Ablation)\*\* ", re.M)
+FIRST_TABLE = re.compile(r"^\*\*(?:Search|Ablation|Confirmation)\*\* ", re.M)
 
 
 def replace_section(readme: Path, body: str, preface: str | None) -> None:

@@ -393,6 +393,20 @@ def test_readme_results_are_written_from_report_tables(tmp_path):
         in text
 
 
+def test_readme_calls_an_ablation_without_factors_a_confirmation_with_its_test_accuracy(
+        store, tmp_path):
+    from reports.readme import main as readme_main
+    out = build(["confirm"], store, tmp_path / "confirm")
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:start -->\n<!-- results:end -->\n")
+    readme_main(["--ablation", str(out), "--readme", str(readme)])
+    text = readme.read_text()
+    assert "**Confirmation** (`confirm`" in text
+    rows = [line for line in text.splitlines() if line.startswith("| baseline |")]
+    assert len(rows) == 1 and rows[0].startswith("| baseline | 3 | 0.7900 [")
+    assert "| baseline | 0.7800 |" in text  # verdict, then test_acc's mean over the seeds
+
+
 def shown_tables(html: str) -> list[pd.DataFrame]:
     """The tables of a report's HTML as a reader sees them: every cell the text shown."""
     tables = []
