@@ -75,7 +75,9 @@ def best_first(table, searched=()):
 
     rows = rankable(table)
     rows = rows[pd.to_numeric(rows[OBJECTIVE], errors="coerce").astype(float).abs() < float("inf")]
-    keys = [k for k in searched if k in rows]
+    # an ablation cell is a configuration, also in an ablation without factors (searched empty)
+    keys = [k for k in searched if k in rows] or (
+        [CELL] if CELL in rows and rows[CELL].notna().all() else [])
     group = rows.groupby(keys, dropna=False)[OBJECTIVE] if keys else None
     rows = rows.assign(config_val_acc=group.transform("mean") if keys else rows[OBJECTIVE],
                        config_trials=group.transform("size") if keys else 1)

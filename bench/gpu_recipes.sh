@@ -12,12 +12,13 @@
 # one log per variant, the last lines of which are its budgets table. Needs python3 ($PYTHON) with
 # torch, pyyaml and tqdm.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-data=${1:?usage: bash bench/gpu_recipes.sh DATA SECONDS [OUTDIR]}
-seconds=${2:?usage: bash bench/gpu_recipes.sh DATA SECONDS [OUTDIR]}
-out=${3:-gpu-recipes}
+usage="usage: bash bench/gpu_recipes.sh DATA SECONDS [OUTDIR [bench/speed.py options]]"
+data=$(realpath -e -- "${1:?$usage}") || exit 2  # paths as given, before the cd below
+seconds=${2:?$usage}
+out=$(realpath -m -- "${3:-gpu-recipes}")
 shift $(( $# < 3 ? $# : 3 ))  # what is left goes to every variant, e.g. --set data.subset=512
 PY=${PYTHON:-python3}
+cd "$(dirname "$0")/.."
 mkdir -p "$out"
 
 # name, then the overrides of bench/recipe80.yaml (params counted by tinyvit.model.count_params)
@@ -28,7 +29,7 @@ variants=(
     "wide3-mix-ema model.embed_dim=128 model.depth=3 model.mlp_ratio=2.0 model.pool=seq model.drop_path=0.1 data.mixup=0.8 data.cutmix=1.0 train.ema=0.999"  # 491k
 )
 
-# decode the images once, into the cache every variant then reads
+# decode the images once, into the cache every variant then reads (at the default data.cache_dir)
 $PY -c "import sys; from tinyvit.config import load; from tinyvit.data import load_arrays
 load_arrays(load('bench/recipe80.yaml', ['data.source=imagefolder', 'data.root=' + sys.argv[1]]).data)" \
     "$data" || exit 2
@@ -39,7 +40,7 @@ for v in "${variants[@]}"; do
     sets=()
     for o in $overrides; do sets+=(--set "$o"); done
     PYTHONUNBUFFERED=1 $PY bench/speed.py --part budgets --seconds --budgets "$seconds" --seeds 0 \
-        --config bench/recipe80.yaml --data "$data" "${sets[@]}" "$@" > "$out/$name.log" 2>&1 &
+        --config bench/recipe80.yaml --data "$data" ${sets[@]+"${sets[@]}"} "$@" > "$out/$name.log" 2>&1 &
     pids+=($!)
 done
 rc=0

@@ -50,8 +50,8 @@ def ablation_section(report: Path) -> str:
         test = "" if pd.isna(r.get("test_acc_mean")) else f"{r['test_acc_mean']:.4f}"
         rows.append(f"| {r['cell']} | {int(r['n'])} | {r['mean']:.4f} [{r['ci_low']:.4f}, "
                     f"{r['ci_high']:.4f}] | {diff} | {p} | {r['verdict']} | {test} |")
-    # an ablation without factors: the base configuration over seeds, nothing to compare
-    kind = "Confirmation" if len(effects) == 1 else "Ablation"
+    # an ablation without factors (the base configuration over seeds) has no factor table
+    kind = "Ablation" if (report / "tables" / "factors.csv").exists() else "Confirmation"
     return "\n".join([
         f"**{kind}** (`{report.name}`, report: `{report}/report.html`): {s['trials']} trials, "
         f"{s['full-budget trials']} at the full budget of {s['max epochs']} epochs, "

@@ -261,9 +261,10 @@ def _param(key: str, dist, where: str) -> Param:
 
 def parse_ablation(raw: dict, base: dict) -> Ablation:
     """`raw` is the experiment file's ablation section, `base` the nested base config."""
-    # no factors: the base configuration alone over the seeds (a seeded confirmation of a winner)
-    factors = raw.get("factors") or {}
-    if not isinstance(factors, dict):
+    # left out: the base configuration alone over the seeds (a seeded confirmation of a winner);
+    # given, it must name a factor (an empty or mis-indented list is no confirmation)
+    factors = raw.get("factors", {})
+    if not isinstance(factors, dict) or ("factors" in raw and not factors):
         raise SpaceError("ablation.factors must map config keys to lists of values (mode: "
                          "ablation), or be left out to repeat the base configuration over seeds")
     design = raw.get("design", "one-at-a-time")
@@ -288,6 +289,9 @@ def parse_ablation(raw: dict, base: dict) -> Ablation:
                          f"got {short(budgets)}")
     if len(set(budgets)) != len(budgets):
         raise SpaceError(f"ablation.budgets lists a budget twice: {budgets}")
+    if budgets and not factors:
+        raise SpaceError("ablation.budgets asks whether effects hold as training lengthens: it "
+                         "needs ablation.factors")
     if budgets and "train.epochs" in factors:
         raise SpaceError("train.epochs cannot be an ablation factor when ablation.budgets is "
                          "given: the budgets are the epochs")

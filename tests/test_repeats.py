@@ -59,6 +59,12 @@ def test_the_best_configuration_is_the_best_mean_not_the_luckiest_seed():
     assert list(best.trial_id[:2]) == ["c", "d"] and best.config_val_acc.iloc[0] == 0.6
     assert list(best.config_trials) == [2] * 4
     assert list(ranked(table).trial_id) == ["a", "c", "d", "b"]  # no configuration: each alone
+    # an ablation's cell is its configuration, also with no factors (a confirmation over seeds)
+    cells = ranked(table.assign(cell=["baseline", "baseline", "x", "x"]))
+    assert list(cells.trial_id[:2]) == ["c", "d"] and list(cells.config_trials) == [2] * 4
+    confirm = ranked(table.assign(cell="baseline"))
+    assert list(confirm.config_val_acc) == pytest.approx([0.55] * 4)
+    assert list(confirm.config_trials) == [4] * 4
 
 
 def space(trial) -> dict:

@@ -259,6 +259,9 @@ def test_a_confirmation_without_factors_reports_its_accuracy_over_seeds(store, t
                                                          0.79 + T_975[2] * 0.01 / np.sqrt(3)))
     assert base.test_acc_mean == pytest.approx(0.78)  # log_trial's test_acc: final val - 0.01
     assert "searched: nothing" in (out / "report.html").read_text()
+    best = table(out, "best")  # every trial is the one configuration: its mean, not a lucky seed
+    assert list(best.config_val_acc) == pytest.approx([0.79] * 3)
+    assert list(best.config_trials) == [3] * 3
 
 
 def test_welch_test_when_seeds_do_not_pair(store):
@@ -371,7 +374,8 @@ def test_readme_results_are_written_from_report_tables(tmp_path):
         "abl": {"ablation": "cell,n,mean,ci_low,ci_high,diff,diff_low,diff_high,p_value,verdict\n"
                             "baseline,3,0.5,0.48,0.52,,,,,baseline\n"
                             "model.pos_embedding=none,3,0.45,0.43,0.47,-0.05,-0.07,-0.03,0.01,"
-                            "worse than baseline\n"}}.items():
+                            "worse than baseline\n",
+                "factors": "factor,value,n\nmodel.pos_embedding,none,3\n"}}.items():
         (tmp_path / name / "tables").mkdir(parents=True)
         (tmp_path / name / "tables" / "summary.csv").write_text(
             f",{name}\ntrials,5\nfull-budget trials,3\nmax epochs,4\n"
@@ -390,7 +394,7 @@ def test_readme_results_are_written_from_report_tables(tmp_path):
     readme_main(tables)  # again, tables rebuilt: the preface written by hand is kept, once
     assert readme.read_text() == text
     assert "| model.pos_embedding=none | 3 | 0.4500 [0.4300, 0.4700] | -0.0500 [-0.0700, -0.0300]" \
-        in text
+        in text and "**Ablation** (`abl`" in text
 
 
 def test_readme_calls_an_ablation_without_factors_a_confirmation_with_its_test_accuracy(

@@ -127,8 +127,11 @@ def test_an_ablation_without_factors_repeats_the_base_configuration_over_its_see
     plan = plan_of(tmp_path, mode="ablation", search=None, ablation={"seeds": [3, 5]})
     assert [(c.name, c.overrides) for c in plan.design.cells] == [("baseline", {})]
     assert plan.design.trial_count() == 2 and plan.design.searched == []
-    with pytest.raises(SpecError, match="ablation.factors must map config keys"):
-        plan_of(tmp_path, mode="ablation", search=None, ablation={"factors": ["model.depth"]})
+    for factors in (["model.depth"], [], {}, None):  # given, it must name a factor
+        with pytest.raises(SpecError, match="ablation.factors must map config keys"):
+            plan_of(tmp_path, mode="ablation", search=None, ablation={"factors": factors})
+    with pytest.raises(SpecError, match="ablation.budgets .* needs ablation.factors"):
+        plan_of(tmp_path, mode="ablation", search=None, ablation={"budgets": [1, 2]})
 
 
 def test_numbers_yaml_reads_as_strings_are_levels_and_bounds(tmp_path):
