@@ -21,7 +21,9 @@ Parts (`--part throughput|time-to-accuracy|seed-recipe|all`):
   at each `--budgets` multiple of that time (its epochs chosen from a three-epoch calibration run
   in the same window), and reports every run's wall time, share of the seed recipe's time and
   accuracies, then per seed the shortest run reaching the seed's 60.4% and reaching 80% test
-  accuracy. Hours on 2 cores (the seed recipe plus the sum of the multiples per seed).
+  accuracy. Hours on 2 cores (the seed recipe plus the sum of the multiples per seed). With
+  `--seconds` the budgets are wall-clock seconds and the seed recipe is not run (a GPU's minutes;
+  bench/gpu_recipes.sh runs several recipes so on one GPU).
 
 Data (`--data`): CIFAR-10 as an image folder (`train/<class>/*`, `test/<class>/*`) or a tar
 archive of one. The figures in bench/RESULTS.md used the lossy JPEG copy of CIFAR-10 as such an
@@ -37,6 +39,8 @@ defaults there; `--compile` turns on `train.compile` for (b).
     python bench/speed.py --part seed-recipe --data ~/data/cifar10-jpeg.tar.gz
     python bench/speed.py --part budgets --config bench/recipe80.yaml --budgets 2.5 --seeds 0 1 \
         --data ~/data/cifar10-jpeg.tar.gz
+    python bench/speed.py --part budgets --seconds --budgets 600 --seeds 0 \
+        --config bench/recipe80.yaml --data ~/data/cifar10-jpeg.tar.gz
 """
 from __future__ import annotations
 
