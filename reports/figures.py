@@ -64,20 +64,26 @@ def factor_panels(runs: pd.DataFrame, factors: list[str], tables: pd.DataFrame) 
 
 def ablation_forest(runs: pd.DataFrame, effects: pd.DataFrame) -> plt.Figure:
     """Each cell's seeds and mean with interval (left); its difference to the baseline with
-    interval (right), where a bar crossing zero means no clear effect."""
+    interval (right), where a bar crossing zero means no clear effect. An ablation without
+    factors has its baseline alone: the left panel only."""
     cells = effects.index.tolist()
     y = np.arange(len(cells))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 1.5 + 0.5 * len(cells)), sharey=True)
+    compared = len(cells) > 1
+    fig, axes = plt.subplots(1, 1 + compared, sharey=True, squeeze=False,
+                             figsize=(11 if compared else 6, 1.5 + 0.5 * len(cells)))
+    left = axes[0, 0]
     full = full_budget(runs)
     sns.stripplot(data=full[full.cell.isin(cells)], x=METRIC, y="cell", order=cells, ax=left,
                   alpha=0.5)
     _intervals(left, y, effects, horizontal=True)
     left.set(xlabel="final val_acc: seeds, mean and 95% CI", ylabel="")
-    if "diff" in effects:
-        _intervals(right, y, effects, low="diff_low", high="diff_high", mean="diff",
-                   horizontal=True)
-    right.axvline(0, color="0.4", ls="--")
-    right.set(xlabel="difference to baseline (95% CI)")
+    if compared:
+        right = axes[0, 1]
+        if "diff" in effects:
+            _intervals(right, y, effects, low="diff_low", high="diff_high", mean="diff",
+                       horizontal=True)
+        right.axvline(0, color="0.4", ls="--")
+        right.set(xlabel="difference to baseline (95% CI)")
     fig.tight_layout()
     return fig
 

@@ -407,8 +407,8 @@ def test_readme_calls_an_ablation_without_factors_a_confirmation_with_its_test_a
     text = readme.read_text()
     assert "**Confirmation** (`confirm`" in text
     rows = [line for line in text.splitlines() if line.startswith("| baseline |")]
-    assert len(rows) == 1 and rows[0].startswith("| baseline | 3 | 0.7900 [")
-    assert "| baseline | 0.7800 |" in text  # verdict, then test_acc's mean over the seeds
+    assert rows == ["| baseline | 3 | 0.7900 [0.7652, 0.8148] | 0.7800 |"]  # val, then test
+    assert "| configuration | seeds |" in text and "diff to baseline" not in text
 
 
 def shown_tables(html: str) -> list[pd.DataFrame]:
