@@ -76,7 +76,9 @@ def ablation_forest(runs: pd.DataFrame, effects: pd.DataFrame) -> plt.Figure:
     sns.stripplot(data=full[full.cell.isin(cells)], x=METRIC, y="cell", order=cells, ax=left,
                   alpha=0.5)
     _intervals(left, y, effects, horizontal=True)
-    left.set(xlabel="final val_acc: seeds, mean and 95% CI", ylabel="")
+    # each cell's band, top to bottom: one row alone would otherwise shrink to the seeds' jitter
+    left.set(xlabel="final val_acc: seeds, mean and 95% CI", ylabel="",
+             ylim=(len(cells) - 0.5, -0.5))
     if compared:
         right = axes[0, 1]
         if "diff" in effects:

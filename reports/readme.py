@@ -40,6 +40,9 @@ def search_section(report: Path) -> str:
 
 def ablation_section(report: Path) -> str:
     s = summary(report)
+    if not (report / "tables" / "ablation.csv").exists():  # the report found no final accuracy
+        return (f"**Ablation** (`{report.name}`, report: `{report}/report.html`): {s['trials']} "
+                "trials, none at its full budget yet: no accuracies to show.")
     effects = pd.read_csv(report / "tables" / "ablation.csv")
     # an ablation without factors (the base configuration over seeds) has no factor table and
     # nothing to compare: its one row is the configuration's accuracy over the seeds

@@ -409,6 +409,9 @@ def test_readme_calls_an_ablation_without_factors_a_confirmation_with_its_test_a
     rows = [line for line in text.splitlines() if line.startswith("| baseline |")]
     assert rows == ["| baseline | 3 | 0.7900 [0.7652, 0.8148] | 0.7800 |"]  # val, then test
     assert "| configuration | seeds |" in text and "diff to baseline" not in text
+    (out / "tables" / "ablation.csv").unlink()  # as a study with no final accuracy leaves it
+    readme_main(["--ablation", str(out), "--readme", str(readme)])
+    assert "none at its full budget yet" in readme.read_text()
 
 
 def shown_tables(html: str) -> list[pd.DataFrame]:
