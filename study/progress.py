@@ -9,6 +9,7 @@ between steps (time spent outside the loop's steps, in Tune's own reporting).
 from __future__ import annotations
 
 import re
+import sys
 import time
 
 from ray import tune
@@ -58,7 +59,7 @@ class Progress(tune.Callback):
         # also as soon as the first trial ends: the first line that can give an ETA
         if now - self.last_line >= EVERY_S or (self.done and not self.eta_shown):
             self.last_line, self.eta_shown = now, self.done > 0
-            print(self.line(trials, now), flush=True)
+            say(self.line(trials, now))
 
     def on_trial_start(self, iteration, trials, trial, **info):
         if self.first_trial is None:
@@ -92,12 +93,19 @@ class Progress(tune.Callback):
 
     def on_experiment_end(self, trials, **info):
         now = time.monotonic()
-        print(self.line(trials, now), flush=True)
-        print(f"driver    longest loop step {self.longest_step:.2f} s (step "
-              f"{self.longest_step_at} of {self.steps}, at {duration(self.longest_step_when)}), "
-              f"longest pause between steps "
-              f"{self.longest_pause:.2f} s; trials {self.done} in {now - self.start:.1f} s",
-              flush=True)
+        say(self.line(trials, now))
+        say(f"driver    longest loop step {self.longest_step:.2f} s (step "
+            f"{self.longest_step_at} of {self.steps}, at {duration(self.longest_step_when)}), "
+            f"longest pause between steps "
+            f"{self.longest_pause:.2f} s; trials {self.done} in {now - self.start:.1f} s")
+
+
+def say(line: str) -> None:
+    """One line in one write: print() writes the text and its newline apart, and Ray's thread
+    that echoes the trials' logs to the driver's stdout could land between them (seen: a
+    checkpoint message glued to the end of a progress line)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def duration(seconds: float) -> str:
