@@ -24,25 +24,29 @@ def summary(report: Path) -> pd.Series:
     return pd.read_csv(report / "tables" / "summary.csv", index_col=0).iloc[:, 0]
 
 
-def search_section(report: Path) -> str:
+def heading(kind: str, report: Path, finals: bool = True) -> str:
+    """A study's line above its table: what it is, its report, its trials and their budget."""
     s = summary(report)
+    head = f"**{kind}** (`{report.name}`, report: `{report}/report.html`): {s['trials']} trials"
+    if not finals:
+        return f"{head}, none at its full budget yet: no accuracies to show."
+    return (f"{head}, {s['full-budget trials']} at the full budget of {s['max epochs']} epochs, "
+            f"{float(s['compute hours (sum of epoch_seconds)']):.2f} compute hours.")
+
+
+def search_section(report: Path) -> str:
     best = pd.read_csv(report / "tables" / "best.csv")
     shown = [c for c in best.columns if c not in ("run_id",)]
     return "\n".join([
-        f"**Search** (`{report.name}`, report: `{report}/report.html`): {s['trials']} trials, "
-        f"{s['full-budget trials']} at the full budget of {s['max epochs']} epochs, "
-        f"{float(s['compute hours (sum of epoch_seconds)']):.2f} compute hours. Best by val_acc "
-        f"(test_acc shown, never used to choose):",
+        heading("Search", report) + " Best by val_acc (test_acc shown, never used to choose):",
         "",
         markdown(best[shown]),
     ])
 
 
 def ablation_section(report: Path) -> str:
-    s = summary(report)
     if not (report / "tables" / "ablation.csv").exists():  # the report found no final accuracy
-        return (f"**Ablation** (`{report.name}`, report: `{report}/report.html`): {s['trials']} "
-                "trials, none at its full budget yet: no accuracies to show.")
+        return heading("Ablation", report, finals=False)
     effects = pd.read_csv(report / "tables" / "ablation.csv")
     # an ablation without factors (the base configuration over seeds) has no factor table and
     # nothing to compare: its one row is the configuration's accuracy over the seeds
@@ -60,10 +64,7 @@ def ablation_section(report: Path) -> str:
         shown = [val, diff, p, r["verdict"], test] if compared else [val, test]
         rows.append(f"| {r['cell']} | {int(r['n'])} | " + " | ".join(shown) + " |")
     return "\n".join([
-        f"**{'Ablation' if compared else 'Confirmation'}** (`{report.name}`, report: "
-        f"`{report}/report.html`): {s['trials']} trials, "
-        f"{s['full-budget trials']} at the full budget of {s['max epochs']} epochs, "
-        f"{float(s['compute hours (sum of epoch_seconds)']):.2f} compute hours."
+        heading("Ablation" if compared else "Confirmation", report)
         + (" Effects at the longest budget:" if (report / "tables" / "ladder.csv").exists()
            else ""),
         "", *rows, *ladder_section(report)])
