@@ -324,34 +324,36 @@ def budgets(args, overrides: list[str], arrays: Arrays) -> dict:
     Its real wall time is what is reported, beside its share of the seed recipe's. With
     `--seconds`, the budgets are wall-clock seconds and the seed recipe is not run (a GPU's
     budget is minutes of that GPU, not a multiple of a CPU recipe)."""
-    seed_wall = 1.0 if args.seconds else seed_recipe(args, arrays)["wall_s"]
+    seed_wall = None if args.seconds else seed_recipe(args, arrays)["wall_s"]
     calibration = time_to_accuracy(args, [*overrides, "train.epochs=3"], arrays)
     first, second, _ = calibration["epoch_ends_s"]
     per_epoch = second - first
     fixed = calibration["wall_s"] - 3 * per_epoch
     runs = []
     for seed in args.seeds:
-        for multiple in args.budgets:
-            epochs = max(1, int((multiple * seed_wall - fixed) / per_epoch))
+        for budget in args.budgets:
+            budget_s = budget if seed_wall is None else budget * seed_wall
+            epochs = max(1, int((budget_s - fixed) / per_epoch))
             r = time_to_accuracy(args, [*overrides, f"train.epochs={epochs}",
                                         f"train.seed={seed}"], arrays)
-            runs.append({**r, "seed": seed, "multiple": multiple,
-                         "share": r["wall_s"] / seed_wall})
-    unit = "s" if args.seconds else "x"
-    print("\nbudgets: " + ("in seconds" if args.seconds else
-                           f"the seed recipe took {seed_wall:.1f}s here")
+            runs.append({**r, "seed": seed, "budget": budget, "budget_s": budget_s,
+                         "share": None if seed_wall is None else r["wall_s"] / seed_wall})
+    print("\nbudgets: " + ("in seconds" if seed_wall is None else
+                           f"multiples of the seed recipe's {seed_wall:.1f}s here")
           + f"; the recipe {per_epoch:.1f}s an epoch after {fixed:.1f}s of set-up, warm-up and "
-          f"test pass\n  seed  budget  epochs     wall   share  val_acc  test_acc", flush=True)
+          f"test pass\n  seed    budget  epochs     wall   share  val_acc  test_acc", flush=True)
     for r in runs:
-        over = "  over its budget" if r["share"] > r["multiple"] else ""
-        print(f"  {r['seed']:>4}  {r['multiple']:>5.2f}{unit}  {r['epochs']:>6}  {r['wall_s']:6.1f}s"
-              f"  {r['share']:5.2f}{unit}  {r['val_acc']:.4f}   {r['test_acc']:.4f}{over}", flush=True)
+        budget = f"{r['budget']:.0f}s" if seed_wall is None else f"{r['budget']:.2f}x"
+        share = "" if r["share"] is None else f"{r['share']:.2f}x"
+        over = "  over its budget" if r["wall_s"] > r["budget_s"] else ""
+        print(f"  {r['seed']:>4}  {budget:>8}  {r['epochs']:>6}  {r['wall_s']:6.1f}s  {share:>6}"
+              f"  {r['val_acc']:.4f}   {r['test_acc']:.4f}{over}", flush=True)
     for seed in args.seeds:
         mine = sorted((r for r in runs if r["seed"] == seed), key=lambda r: r["wall_s"])
         for target in (SEED_TARGET, TARGET_80):
             hit = next((r for r in mine if r["test_acc"] >= target), None)
             print(f"  seed {seed}: {target:.1%} test " + (
-                f"reached in {hit['wall_s']:.1f}s" + ("" if args.seconds else
+                f"reached in {hit['wall_s']:.1f}s" + ("" if hit["share"] is None else
                 f" = {hit['share']:.2f}x the seed recipe's time") + f" ({hit['epochs']} epochs)"
                 if hit else "not reached by any budget"), flush=True)
     return {"seed_wall_s": seed_wall, "epoch_s": per_epoch, "fixed_s": fixed, "runs": runs}

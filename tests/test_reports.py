@@ -374,7 +374,8 @@ def test_readme_results_are_written_from_report_tables(tmp_path):
         "abl": {"ablation": "cell,n,mean,ci_low,ci_high,diff,diff_low,diff_high,p_value,verdict\n"
                             "baseline,3,0.5,0.48,0.52,,,,,baseline\n"
                             "model.pos_embedding=none,3,0.45,0.43,0.47,-0.05,-0.07,-0.03,0.01,"
-                            "worse than baseline\n",
+                            "worse than baseline\n"
+                            "model.depth=2,1,0.47,,,-0.03,,,,too few seeds to tell (n=1 < 3)\n",
                 "factors": "factor,value,n\nmodel.pos_embedding,none,3\n"}}.items():
         (tmp_path / name / "tables").mkdir(parents=True)
         (tmp_path / name / "tables" / "summary.csv").write_text(
@@ -395,6 +396,8 @@ def test_readme_results_are_written_from_report_tables(tmp_path):
     assert readme.read_text() == text
     assert "| model.pos_embedding=none | 3 | 0.4500 [0.4300, 0.4700] | -0.0500 [-0.0700, -0.0300]" \
         in text and "**Ablation** (`abl`" in text
+    # one seed has no interval: said, not printed as [nan, nan]
+    assert "| model.depth=2 | 1 | 0.4700 (one seed: no interval) |  |  | too few seeds" in text
 
 
 def test_readme_calls_an_ablation_without_factors_a_confirmation_with_its_test_accuracy(
