@@ -48,6 +48,6 @@ for p in "${pids[@]}"; do wait "$p" || rc=1; done
 for v in "${variants[@]}"; do
     read -r name _ <<< "$v"
     echo "== $name: $(grep -m1 'params)' "$out/$name.log")"
-    grep -A3 '^  seed  *budget' "$out/$name.log" || tail -n 5 "$out/$name.log"
+    sed -n '/^  seed  *budget/,$p' "$out/$name.log" | grep . || tail -n 5 "$out/$name.log"
 done
 exit $rc
