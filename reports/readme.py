@@ -60,7 +60,7 @@ def ablation_section(report: Path) -> str:
                 f"{r['diff']:+.4f} [{r['diff_low']:+.4f}, {r['diff_high']:+.4f}]")
         p = "" if pd.isna(r.get("p_value")) else f"{r['p_value']:.3f}"
         test = "" if pd.isna(r.get("test_acc_mean")) else f"{r['test_acc_mean']:.4f}"
-        val = (f"{r['mean']:.4f} (one seed: no interval)" if pd.isna(r["ci_low"]) else
+        val = (f"{r['mean']:.4f} (one seed: no interval)" if r["n"] < 2 else
                f"{r['mean']:.4f} [{r['ci_low']:.4f}, {r['ci_high']:.4f}]")
         shown = [val, diff, p, r["verdict"], test] if compared else [val, test]
         rows.append(f"| {r['cell']} | {int(r['n'])} | " + " | ".join(shown) + " |")
