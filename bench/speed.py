@@ -317,7 +317,8 @@ def time_to_accuracy(args, overrides: list[str], arrays: Arrays | None = None) -
           f"val_acc {final['val_acc']:.4f}, test_acc {final['test_acc']:.4f}: "
           f"{'reaches' if hit else 'does NOT reach'} the seed's {SEED_TARGET:.1%}", flush=True)
     return {"wall_s": wall, "val_acc": final["val_acc"], "test_acc": final["test_acc"],
-            "epochs": cfg.train.epochs, "reached": hit, "epoch_ends_s": ends}
+            "epochs": cfg.train.epochs, "seed": cfg.train.seed, "reached": hit,
+            "epoch_ends_s": ends}
 
 
 def budgets(args, overrides: list[str], arrays: Arrays) -> dict:
@@ -336,17 +337,16 @@ def budgets(args, overrides: list[str], arrays: Arrays) -> dict:
     fixed = calibration["wall_s"] - 3 * per_epoch
     # the calibration is a whole run too (three epochs at the recipe's own seed): listed, and
     # counted for the time to a target, which it can reach sooner than any budget's run
-    runs = [{**calibration, "seed": load(args.config, overrides).train.seed, "budget": None,
-             "budget_s": None, "share": None if seed_wall is None else
-             calibration["wall_s"] / seed_wall}]
+    runs = [{**calibration, "budget": None, "budget_s": None}]
     for seed in args.seeds:
         for budget in args.budgets:
             budget_s = budget if seed_wall is None else budget * seed_wall
             epochs = max(1, int((BUDGET_FILL * budget_s - fixed) / per_epoch))
             r = time_to_accuracy(args, [*overrides, f"train.epochs={epochs}",
                                         f"train.seed={seed}"], arrays)
-            runs.append({**r, "seed": seed, "budget": budget, "budget_s": budget_s,
-                         "share": None if seed_wall is None else r["wall_s"] / seed_wall})
+            runs.append({**r, "budget": budget, "budget_s": budget_s})
+    for r in runs:
+        r["share"] = None if seed_wall is None else r["wall_s"] / seed_wall
     print("\nbudgets: " + ("in seconds" if seed_wall is None else
                            f"multiples of the seed recipe's {seed_wall:.1f}s here")
           + f"; the recipe {per_epoch:.1f}s an epoch after {fixed:.1f}s of set-up, warm-up and "
